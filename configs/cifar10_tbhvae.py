@@ -1,0 +1,13 @@
+"""TBH-VAE (Verwilt et al.) on CIFAR-10: beta-TCVAE binary bottleneck, GECO Gaussian continuous bottleneck."""
+from tbhvae.config import Config
+
+
+def get_config() -> Config:
+    return Config(
+        name="cifar10_tbhvae",
+        binary_bottleneck="betatcvae",
+        continuous_bottleneck="geco_vae",
+        bits=32,
+        batch_size=400,
+        steps=5000,
+    )

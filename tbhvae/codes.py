@@ -1,0 +1,64 @@
+"""Binary codes: validation, packing and Hamming distances.
+
+Bit order (shared by evaluation, the index and exported encoders): bit ``k`` of
+a code is bit ``7 - k % 8`` (most significant first) of byte ``k // 8``, the
+layout of ``np.packbits(bits, axis=1)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WORD_BYTES = 8
+
+
+def check_bits(codes, name: str = "codes") -> np.ndarray:
+    """Returns `codes` as a C-contiguous uint8 [n, M] array of 0/1 values.
+
+    Raises ValueError naming `name` when the array is not 2-D or holds values
+    other than 0 and 1.
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"{name}: expected 0/1 codes of shape [n, bits], got shape {codes.shape}")
+    if codes.dtype == np.bool_:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.size and not np.isin(codes, (0, 1)).all():
+        raise ValueError(f"{name}: codes must hold only 0 and 1 (use 1[logit > 0] for signs)")
+    return np.ascontiguousarray(codes, dtype=np.uint8)
+
+
+def pack_codes(codes) -> np.ndarray:
+    """Packs 0/1 codes [n, M] into uint8 [n, ceil(M / 8)] (see module docstring)."""
+    return np.packbits(check_bits(codes), axis=1)
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `pack_codes`: uint8 [n, ceil(M / 8)] -> 0/1 uint8 [n, M]."""
+    return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=bits)
+
+
+def to_words(packed: np.ndarray) -> np.ndarray:
+    """Views packed codes as uint64 words [n, ceil(bytes / 8)], zero-padded.
+
+    Padding bits are zero in every code, so they never add to a distance.
+    """
+    packed = np.asarray(packed, dtype=np.uint8)
+    n, nbytes = packed.shape
+    nwords = max(1, -(-nbytes // WORD_BYTES))
+    padded = np.zeros((n, nwords * WORD_BYTES), dtype=np.uint8)
+    padded[:, :nbytes] = packed
+    return padded.view(np.uint64)
+
+
+def hamming_distances(query_words: np.ndarray, db_words: np.ndarray) -> np.ndarray:
+    """Hamming distances between word-packed codes: [q, W] x [n, W] -> [q, n].
+
+    The result is uint8 up to 192 bits (3 words) and uint16 beyond, so that
+    numpy's stable sort of it is a radix sort. Memory is O(q * n); callers
+    chunk the queries.
+    """
+    dtype = np.uint8 if query_words.shape[1] <= 3 else np.uint16
+    dist = np.zeros((query_words.shape[0], db_words.shape[0]), dtype=dtype)
+    for w in range(query_words.shape[1]):
+        dist += np.bitwise_count(query_words[:, w, None] ^ db_words[None, :, w])
+    return dist

@@ -1,0 +1,204 @@
+"""Experiment configuration: one frozen dataclass, config files as data, overrides.
+
+A config file is a Python file defining `get_config() -> Config` (see
+`configs/`). Command-line overrides are `key=value` strings parsed with the
+field's type; unknown keys and ill-typed values raise ConfigError naming the
+key. The resolved config is written to each run directory as JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import typing
+from pathlib import Path
+
+BINARY_BOTTLENECKS = ("adversarial", "betatcvae")
+CONTINUOUS_BOTTLENECKS = ("adversarial", "geco_vae")
+
+
+class ConfigError(ValueError):
+    """A bad config, config file or override; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that defines a training run. Units in the comments."""
+
+    name: str = "tbh"
+    # --- data ---------------------------------------------------------------
+    features: str = ""  # feature .npz; empty: extract from `images` with `backbone`
+    images: str = "tfds:cifar10"  # image source for extraction ("tfds:NAME" or JPEG .npz)
+    backbone: str = "vgg16_fc7"
+    backbone_weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
+    data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
+    cache_dir: str = "~/.cache/tbhvae"  # extracted feature cache
+    input_scaling: str = "none"  # "none" (reference) | "standardize" | "l2" (unit-norm rows)
+    # --- model --------------------------------------------------------------
+    bits: int = 32  # M, binary code length
+    continuous_dim: int = 512  # size of the continuous bottleneck z
+    hidden_dim: int = 1024  # encoder/decoder hidden width
+    binary_bottleneck: str = "adversarial"  # one of BINARY_BOTTLENECKS
+    continuous_bottleneck: str = "adversarial"  # one of CONTINUOUS_BOTTLENECKS
+    binary_threshold: str = "fixed"  # "fixed" eps=0.5 (reference code) | "uniform" eps~U(0,1) (paper)
+    binary_sampling: str = "straight_through"  # "straight_through" | "relaxed" (Concrete)
+    relaxed_temperature: float = 0.5
+    continuous_activation: str = "sigmoid"  # TBH's z activation: "sigmoid" | "linear"
+    graph_exponent: float = 1.4  # gamma in A = (1 - d_H/M)^gamma (1.4 code, 1.0 paper)
+    decoder_activation: str = "relu"  # "relu" (reference) | "linear"
+    discriminator: str = "linear"  # "linear" single Dense (reference) | "mlp"
+    discriminator_hidden: int = 256
+    # --- objectives ---------------------------------------------------------
+    reconstruction: str = "sum"  # "sum" = l2_loss over the batch (reference) | "mean"
+    adversarial_weight: float = 1.0
+    tc_alpha: float = 1.0  # index-code mutual information weight
+    tc_beta: float = 6.0  # total correlation weight
+    tc_gamma: float = 1.0  # dimension-wise KL weight
+    tc_estimator: str = "mss"  # "mws" minibatch-weighted | "mss" minibatch-stratified
+    binary_kl_weight: float = 1.0  # overall weight of the beta-TCVAE terms
+    geco_kappa: float = 0.0  # reconstruction tolerance (feature units, RMSE); 0 = calibrate
+    geco_calibration_steps: int = 200  # steps of the warm-up that calibrates kappa
+    geco_kappa_factor: float = 0.9  # calibrated kappa = factor * warm-up RMSE
+    geco_alpha: float = 0.99  # moving-average factor of the constraint
+    geco_rate: float = 0.01  # nu, multiplier step size (per unit of C_ma, feature units^2)
+    geco_warmup: int = 200  # steps before lambda updates start (>= calibration steps)
+    geco_log_lambda_init: float = 0.0
+    geco_log_lambda_max: float = 10.0  # clip of log(lambda), both signs
+    # --- optimisation -------------------------------------------------------
+    batch_size: int = 400  # global batch (all replicas)
+    steps: int = 5000
+    learning_rate: float = 1e-4
+    critic_learning_rate: float = 1e-4
+    seed: int = 0
+    jit_compile: bool = True
+    steps_per_execution: int = 50
+    mixed_precision: str = "float32"  # "float32" | "mixed_float16" | "mixed_bfloat16"
+    # --- logging / evaluation -----------------------------------------------
+    log_every: int = 100  # steps between TensorBoard scalars
+    eval_every: int = 1000  # steps between mAP evaluations (0 = only at the end)
+    eval_queries: int = 1000  # held-out queries for the periodic evaluation
+    checkpoint_every: int = 1000
+    checkpoints_to_keep: int = 3
+    final_eval_queries: str = "all"  # "all" test queries (q10k) | "per_class_100" (q1k)
+
+    def validate(self) -> "Config":
+        _choice(self, "binary_bottleneck", BINARY_BOTTLENECKS)
+        _choice(self, "continuous_bottleneck", CONTINUOUS_BOTTLENECKS)
+        _choice(self, "binary_threshold", ("fixed", "uniform"))
+        _choice(self, "binary_sampling", ("straight_through", "relaxed"))
+        _choice(self, "continuous_activation", ("sigmoid", "linear"))
+        _choice(self, "decoder_activation", ("relu", "linear"))
+        _choice(self, "discriminator", ("linear", "mlp"))
+        _choice(self, "reconstruction", ("sum", "mean"))
+        _choice(self, "tc_estimator", ("mws", "mss"))
+        _choice(self, "input_scaling", ("none", "standardize", "l2"))
+        _choice(self, "mixed_precision", ("float32", "mixed_float16", "mixed_bfloat16"))
+        _choice(self, "final_eval_queries", ("all", "per_class_100"))
+        for key in ("bits", "continuous_dim", "hidden_dim", "batch_size", "steps",
+                    "steps_per_execution", "log_every", "checkpoint_every", "eval_queries",
+                    "checkpoints_to_keep"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
+        for key in ("learning_rate", "critic_learning_rate", "relaxed_temperature", "geco_rate"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
+        if not 0 <= self.geco_alpha < 1:
+            raise ConfigError(f"config key 'geco_alpha' must be in [0, 1), got {self.geco_alpha}")
+        if self.eval_every < 0:
+            raise ConfigError(f"config key 'eval_every' must be >= 0, got {self.eval_every}")
+        if self.geco_kappa == 0 and self.geco_warmup < self.geco_calibration_steps:
+            raise ConfigError("config key 'geco_warmup' must be >= 'geco_calibration_steps' when "
+                              "kappa is calibrated (geco_kappa=0)")
+        return self
+
+    @property
+    def uses_adversary(self) -> bool:
+        return "adversarial" in (self.binary_bottleneck, self.continuous_bottleneck)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _choice(config: Config, key: str, options: tuple[str, ...]) -> None:
+    if getattr(config, key) not in options:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(options)}; "
+                          f"got '{getattr(config, key)}'")
+
+
+_FIELD_TYPES = typing.get_type_hints(Config)
+
+
+def _parse_value(key: str, text: str):
+    kind = _FIELD_TYPES[key]
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"override '{key}={text}': expected a boolean (true/false)")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"override '{key}={text}': expected a value of type {kind.__name__}") from None
+
+
+def apply_overrides(config: Config, overrides: typing.Iterable[str]) -> Config:
+    """Applies `key=value` strings to `config`; raises ConfigError on unknown keys/types."""
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ConfigError(f"override '{item}': expected key=value")
+        if key not in _FIELD_TYPES:
+            close = [k for k in _FIELD_TYPES if k.startswith(key[:4])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"override '{item}': unknown config key '{key}'{hint}")
+        changes[key] = _parse_value(key, value)
+    return config.replace(**changes)
+
+
+def from_dict(values: dict, where: str) -> Config:
+    """Builds a Config from a dict (e.g. a saved config.json), checking keys and types."""
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"{where}: unknown config key(s) {', '.join(unknown)}")
+    for key, value in values.items():
+        kind = _FIELD_TYPES[key]
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(f"{where}: config key '{key}' must be {kind.__name__}, "
+                              f"got {type(value).__name__} {value!r}")
+    return Config(**{k: _FIELD_TYPES[k](v) for k, v in values.items()}).validate()
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Loads a config file (`.py` with `get_config()`, or `.json`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; see configs/ for the shipped ones")
+    if path.suffix == ".json":
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return from_dict(values, str(path))
+    spec = importlib.util.spec_from_file_location(f"tbhvae_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except TypeError as err:  # Config(unknown_key=...) in the file
+        raise ConfigError(f"{path}: {err}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: a config file must define get_config() -> tbhvae.config.Config")
+    config = module.get_config()
+    if not isinstance(config, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not Config")
+    return config.validate()

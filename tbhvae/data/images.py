@@ -1,0 +1,211 @@
+"""Image sources: labelled images for one split ("train" or "test") as a `tf.data.Dataset`.
+
+Every source yields `(image, label)` pairs:
+  image  uint8 [H, W, 3]   RGB, size may vary from image to image
+  label  int64 []          class id (single-label sources), or
+         uint8 [C]         multi-hot over C classes (multi-label sources)
+
+Two kinds of source, chosen by `image_source(spec, split)`:
+  "tfds:NAME"       a TensorFlow Datasets dataset, e.g. "tfds:cifar10" or "tfds:coco/2017".
+                    Class-id datasets need an "image" and a "label" feature; detection
+                    datasets (COCO) an "image" and "objects/label", turned into multi-hot
+                    labels. Images with no object are dropped: with "relevant = shares a
+                    label" they could never be relevant to any query. COCO's "test" split
+                    has no annotations, so split "test" reads COCO's "validation" split.
+  path to an .npz   JPEG files stored as bytes (layout of cifar10_jpeg.npz):
+                    {split}_bytes uint8 [total] concatenated JPEG files,
+                    {split}_offsets int [n + 1] (image i = bytes[off[i]:off[i + 1]]),
+                    {split}_labels [n] class ids or [n, C] multi-hot, class_names [C] optional.
+
+Sources read lazily from `start` so that resumed extraction skips images without decoding them.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tbhvae.data.features import DataError
+
+SPLITS = ("train", "test")
+TFDS_PREFIX = "tfds:"
+# TFDS split read for each of our splits, where the dataset's names differ from ours.
+TFDS_SPLIT_NAMES = {"coco/2017": {"train": "train", "test": "validation"}}
+LOCAL_DATA_HINT = ("pass precomputed features with --features FILE, a JPEG .npz with --images PATH, "
+                   "or a --data_dir where the dataset is already prepared")
+
+
+class ImageSource(abc.ABC):
+    """Labelled images of one split; `dataset(start)` yields (uint8 [H, W, 3], label)."""
+
+    def __init__(self, description: str, class_names: tuple[str, ...] | None, num_classes: int,
+                 multi_label: bool, num_examples: int | None):
+        self.description = description  # names the source in messages, e.g. "tfds:cifar10 (train)"
+        self.class_names = class_names
+        self.num_classes = num_classes
+        self.multi_label = multi_label  # True: labels uint8 [C] multi-hot; False: int64 class ids
+        self.num_examples = num_examples  # None when unknown before reading
+
+    @abc.abstractmethod
+    def dataset(self, start: int = 0) -> tf.data.Dataset:
+        """Images `start`, `start + 1`, ... in a fixed order, skipping earlier ones undecoded."""
+
+
+def _decode(encoded: tf.Tensor) -> tf.Tensor:
+    """Encoded JPEG/PNG string -> uint8 [H, W, 3]."""
+    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+class JpegNpzSource(ImageSource):
+    """Images stored as concatenated JPEG bytes in an `.npz` (layout in the module docstring)."""
+
+    def __init__(self, path: str | Path, split: str):
+        path = Path(path)
+        if split not in SPLITS:
+            raise DataError(f"{path}: unknown split '{split}'; use one of {', '.join(SPLITS)}")
+        if not path.is_file():
+            raise DataError(f"{path}: JPEG image file not found; pass an existing .npz to --images "
+                            f"or a TFDS name such as tfds:cifar10")
+        keys = (f"{split}_bytes", f"{split}_offsets", f"{split}_labels")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                missing = [k for k in keys if k not in data.files]
+                if missing:
+                    raise DataError(f"{path}: missing key(s) {', '.join(missing)} (has: "
+                                    f"{', '.join(data.files) or 'nothing'}); a JPEG .npz needs "
+                                    f"{', '.join(keys)}")
+                encoded, offsets, labels = (data[k] for k in keys)
+                names = (tuple(str(n) for n in data["class_names"].tolist())
+                         if "class_names" in data.files else None)
+        except DataError:
+            raise
+        except (OSError, ValueError, EOFError, KeyError) as err:
+            raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); "
+                            f"recreate it") from None
+        self._images = _split_jpeg_bytes(path, split, encoded, offsets)
+        self._labels = _check_image_labels(path, split, labels, len(self._images), names)
+        multi_label = self._labels.ndim == 2
+        num_classes = (self._labels.shape[1] if multi_label
+                       else len(names) if names is not None else int(self._labels.max(initial=-1)) + 1)
+        super().__init__(f"{path} ({split})", names, int(num_classes), multi_label, len(self._images))
+
+    def dataset(self, start: int = 0) -> tf.data.Dataset:
+        encoded = tf.data.Dataset.from_tensor_slices((self._images[start:], self._labels[start:]))
+        return encoded.map(lambda data, label: (_decode(data), label),
+                           num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _split_jpeg_bytes(path: Path, split: str, encoded: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """uint8 [total] bytes + int [n + 1] offsets -> object array [n] of one JPEG file each."""
+    if encoded.ndim != 1 or encoded.dtype != np.uint8:
+        raise DataError(f"{path}: '{split}_bytes' must be a 1-D uint8 array, got shape "
+                        f"{encoded.shape} dtype {encoded.dtype}")
+    if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) < 2:
+        raise DataError(f"{path}: '{split}_offsets' must be a 1-D integer array of n + 1 >= 2 "
+                        f"offsets, got shape {offsets.shape} dtype {offsets.dtype}")
+    if offsets[0] != 0 or offsets[-1] != len(encoded):
+        raise DataError(f"{path}: '{split}_offsets' must start at 0 and end at len({split}_bytes) "
+                        f"= {len(encoded)}, got {offsets[0]} .. {offsets[-1]}")
+    empty = np.flatnonzero(np.diff(offsets) <= 0)
+    if empty.size:
+        raise DataError(f"{path}: '{split}_offsets' must be strictly increasing, but image "
+                        f"{empty[0]} has {offsets[empty[0] + 1] - offsets[empty[0]]} bytes")
+    buffer = encoded.tobytes()
+    return np.array([buffer[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())],
+                    dtype=object)
+
+
+def _check_image_labels(path: Path, split: str, labels: np.ndarray, count: int,
+                        names: tuple[str, ...] | None) -> np.ndarray:
+    """Returns int64 [n] class ids or uint8 [n, C] multi-hot, or raises DataError."""
+    key = f"{split}_labels"
+    if labels.shape[:1] != (count,):
+        raise DataError(f"{path}: '{key}' has {labels.shape[0] if labels.ndim else 0} rows but "
+                        f"'{split}_offsets' describe {count} images; they must align")
+    if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and labels.min(initial=0) >= 0:
+        labels = labels.astype(np.int64)
+        if names is not None and labels.max(initial=-1) >= len(names):
+            raise DataError(f"{path}: '{key}' has class id {labels.max()} but 'class_names' "
+                            f"lists only {len(names)} classes")
+        return labels
+    if labels.ndim == 2 and np.isin(labels, (0, 1)).all():
+        if names is not None and labels.shape[1] != len(names):
+            raise DataError(f"{path}: '{key}' has {labels.shape[1]} classes but 'class_names' "
+                            f"lists {len(names)}")
+        return labels.astype(np.uint8)
+    raise DataError(f"{path}: '{key}' must be non-negative class ids [n] or 0/1 multi-hot "
+                    f"[n, C], got shape {labels.shape} dtype {labels.dtype}")
+
+
+class TfdsSource(ImageSource):
+    """A TensorFlow Datasets dataset (prepared in `data_dir`, downloaded first if `download`)."""
+
+    def __init__(self, name: str, split: str, data_dir: str | None = None, download: bool = True):
+        if split not in SPLITS:
+            raise DataError(f"{TFDS_PREFIX}{name}: unknown split '{split}'; use one of {', '.join(SPLITS)}")
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as err:  # tfds raises several types for unknown or broken names
+            raise DataError(f"{TFDS_PREFIX}{name}: not a usable TFDS dataset "
+                            f"({type(err).__name__}: {_first_line(err)})") from None
+        where = data_dir or "the default TFDS data_dir"
+        if download:
+            try:
+                builder.download_and_prepare()
+            except Exception as err:  # offline: network, missing-module and checksum errors all land here
+                raise DataError(f"{TFDS_PREFIX}{name}: download/preparation into {where} failed "
+                                f"({type(err).__name__}: {_first_line(err)}); {LOCAL_DATA_HINT}") from None
+        elif not builder.is_prepared():
+            raise DataError(f"{TFDS_PREFIX}{name}: not prepared in {where} and downloading is off; "
+                            f"{LOCAL_DATA_HINT}")
+        features = builder.info.features
+        if "image" not in features:
+            raise DataError(f"{TFDS_PREFIX}{name}: has no 'image' feature; only image datasets work")
+        if "label" in features:
+            label_feature, multi_label = features["label"], False
+        elif "objects" in features and "label" in features["objects"]:
+            label_feature, multi_label = features["objects"]["label"], True
+        else:
+            raise DataError(f"{TFDS_PREFIX}{name}: has neither a 'label' nor an 'objects/label' "
+                            f"feature; cannot make labels")
+        self._builder = builder
+        self._split = TFDS_SPLIT_NAMES.get(name, {}).get(split, split)
+        split_info = builder.info.splits.get(self._split)
+        num_examples = split_info.num_examples if split_info is not None and not multi_label else None
+        super().__init__(f"{TFDS_PREFIX}{name} ({self._split})", tuple(label_feature.names),
+                         int(label_feature.num_classes), multi_label, num_examples)
+
+    def dataset(self, start: int = 0) -> tf.data.Dataset:
+        examples = self._builder.as_dataset(split=self._split, shuffle_files=False,
+                                            decoders={"image": tfds.decode.SkipDecoding()})
+        if self.multi_label:
+            num_classes = self.num_classes
+            examples = examples.map(lambda ex: (ex["image"], _multi_hot(ex["objects"]["label"], num_classes)))
+            examples = examples.filter(lambda _, label: tf.reduce_any(label > 0))
+        else:
+            examples = examples.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
+        return examples.skip(start).map(lambda data, label: (_decode(data), label),
+                                        num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _multi_hot(class_ids: tf.Tensor, num_classes: int) -> tf.Tensor:
+    """int [k] class ids (repeats allowed) -> uint8 [num_classes] 0/1."""
+    counts = tf.math.bincount(tf.cast(class_ids, tf.int32), minlength=num_classes, maxlength=num_classes)
+    return tf.cast(counts > 0, tf.uint8)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def image_source(spec: str, split: str, data_dir: str | None = None, download: bool = True) -> ImageSource:
+    """"tfds:NAME" or a path to a JPEG .npz -> the ImageSource of `split` ("train" or "test")."""
+    if spec.startswith(TFDS_PREFIX):
+        return TfdsSource(spec[len(TFDS_PREFIX):], split, data_dir=data_dir, download=download)
+    return JpegNpzSource(spec, split)

@@ -1,0 +1,486 @@
+"""Exact Hamming-distance search over binary codes.
+
+`HammingIndex` keeps codes packed into uint64 words (bit order of
+`tbhvae.codes`) and answers k-nearest and radius queries by brute force:
+XOR + popcount against every stored code, then an exact selection.
+
+Result order is fixed: ascending Hamming distance, ties broken by position in
+the index (insertion order; equal to id order for default ids). Every backend
+returns identical results.
+"""
+from __future__ import annotations
+
+import os
+import zipfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from tbhvae.codes import check_bits, to_words, unpack_codes
+
+FORMAT_NAME = "tbhvae.hamming_index"
+FORMAT_VERSION = 1
+BACKENDS = ("auto", "numpy", "faiss")
+
+# Database codes per XOR/popcount block: 32768 uint64 words (256 KiB) stay in
+# the L2 cache while every query of a chunk is compared against them.
+_DB_BLOCK = 32768
+# Bytes of one worker's [queries, n] distance block.
+_DISTANCE_BLOCK_BYTES = 64 * 2**20
+# Below this many query x code pairs, a thread pool costs more than it saves.
+_MIN_PARALLEL_PAIRS = 2**22
+# backend="auto" picks faiss (when installed) from this code length on: below
+# it, numpy was as fast or faster than faiss plus exact re-ranking (1M codes,
+# top-100, 2 cores; see bench/index_speed.py).
+_AUTO_FAISS_MIN_BITS = 512
+
+
+def _faiss_module():
+    """Returns the faiss module, or None when it is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _check_ids(ids, n: int, name: str = "ids") -> np.ndarray:
+    """Returns `ids` as int64 [n]; raises ValueError on a wrong shape or dtype."""
+    ids = np.asarray(ids)
+    if ids.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},) (one id per code), got {ids.shape}")
+    if n and ids.dtype.kind not in "iu":
+        raise ValueError(f"{name}: ids must be integers, got dtype {ids.dtype}")
+    if ids.dtype.kind == "u" and n and ids.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: ids must fit in int64")
+    return np.ascontiguousarray(ids, dtype=np.int64)
+
+
+def _check_labels(labels, n: int) -> np.ndarray:
+    """Returns labels as a numeric array with n rows ([n] class ids or [n, C] multi-hot)."""
+    labels = np.asarray(labels)
+    if labels.ndim not in (1, 2) or labels.shape[0] != n:
+        raise ValueError(f"labels: expected shape ({n},) or ({n}, classes), got {labels.shape}")
+    if n and labels.dtype.kind not in "biuf":
+        raise ValueError(f"labels: expected numeric labels, got dtype {labels.dtype}")
+    return np.ascontiguousarray(labels)
+
+
+def _check_paths(paths, n: int) -> np.ndarray:
+    """Returns paths as a unicode array [n]."""
+    paths = np.asarray([str(p) for p in paths], dtype=str)
+    if paths.shape != (n,):
+        raise ValueError(f"paths: expected {n} paths (one per code), got {paths.shape[0]}")
+    return paths
+
+
+def _check_duplicates(ids: np.ndarray) -> None:
+    sorted_ids = np.sort(ids)
+    repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
+    if repeated.size:
+        raise ValueError(f"ids must be unique; id {repeated[0]} occurs more than once")
+
+
+def _distance_block(query_words: np.ndarray, db_words: np.ndarray, out: np.ndarray) -> None:
+    """Writes Hamming distances [q, n] into `out` (an unsigned type that holds W * 64).
+
+    query_words: uint64 [q, W]; db_words: uint64 [W, n] (word-major).
+    The database is walked in cache-sized blocks, each compared with all queries.
+    """
+    num_words, n = db_words.shape
+    if n == 0:
+        return
+    block = min(n, _DB_BLOCK)
+    xor = np.empty(block, dtype=np.uint64)
+    count = np.empty(block, dtype=np.uint8)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        width = stop - start
+        for w in range(num_words):
+            db_block = db_words[w, start:stop]
+            for i in range(query_words.shape[0]):
+                np.bitwise_xor(db_block, query_words[i, w], out=xor[:width])
+                if w == 0:
+                    np.bitwise_count(xor[:width], out=out[i, start:stop])
+                else:
+                    out[i, start:stop] += np.bitwise_count(xor[:width], out=count[:width])
+
+
+def _kth_smallest(row: np.ndarray, k: int, top: int, guess: int) -> int:
+    """Smallest t with at least k entries of `row` <= t (1 <= k <= len(row)).
+
+    Gallops from `guess` (the previous query's answer, usually close) until the
+    answer is bracketed, then bisects; every probe is one vectorised count.
+    `top` bounds all values of `row`.
+    """
+    lo, hi = 0, top
+    probe, step = min(max(guess, 0), top), 1
+    lo_known = hi_known = False
+    while lo < hi:
+        if np.count_nonzero(row <= probe) >= k:
+            hi, hi_known = probe, True
+        else:
+            lo, lo_known = probe + 1, True
+        if lo_known and hi_known:
+            probe = (lo + hi) // 2
+        elif hi_known:
+            probe = max(lo, hi - step)
+        else:
+            probe = min(hi, lo + step - 1)
+        step *= 2
+    return lo
+
+
+def _sorted_within(row: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, positions) of entries <= threshold, by distance then position."""
+    positions = np.flatnonzero(row <= threshold)
+    distances = row[positions]
+    order = np.argsort(distances, kind="stable")
+    return distances[order], positions[order]
+
+
+class HammingIndex:
+    """Exact Hamming-distance index over M-bit binary codes.
+
+    Args:
+      codes: 0/1 array [n, M] (uint8 or bool).
+      ids: int [n], unique; defaults to arange(n).
+      labels: optional per-code labels, [n] class ids or [n, C] multi-hot.
+      paths: optional per-code strings [n] (e.g. image file names).
+      backend: "numpy"; "faiss" (faiss.IndexBinaryFlat, candidates re-ranked
+        so that results equal numpy's); "auto" = faiss for codes of 512 bits
+        or more when faiss is installed, else numpy. All give identical results.
+      workers: threads for numpy search; defaults to the number of CPUs.
+    """
+
+    def __init__(self, codes, ids=None, labels=None, paths=None, *, backend: str = "auto",
+                 workers: int | None = None):
+        codes = check_bits(codes)
+        if codes.shape[1] < 1:
+            raise ValueError(f"codes: need at least one bit per code, got shape {codes.shape}")
+        self._init_packed(np.packbits(codes, axis=1), codes.shape[1], ids, labels, paths,
+                          backend, workers)
+
+    @classmethod
+    def from_packed(cls, packed, bits: int, ids=None, labels=None, paths=None, *,
+                    backend: str = "auto", workers: int | None = None) -> "HammingIndex":
+        """Builds an index from codes already packed by `tbhvae.codes.pack_codes`.
+
+        packed: uint8 [n, ceil(bits / 8)]; padding bits past `bits` must be zero.
+        """
+        packed = np.asarray(packed)
+        bits = int(bits)
+        nbytes = -(-bits // 8)
+        if bits < 1 or packed.ndim != 2 or packed.shape[1] != nbytes or packed.dtype != np.uint8:
+            raise ValueError(f"packed: expected uint8 [n, {nbytes}] for {bits}-bit codes, "
+                             f"got {packed.dtype} {packed.shape}")
+        if bits % 8 and packed.size and np.any(packed[:, -1] & np.uint8(0xFF >> (bits % 8))):
+            raise ValueError(f"packed: padding bits past bit {bits} must be zero "
+                             "(pack with tbhvae.codes.pack_codes)")
+        index = cls.__new__(cls)
+        index._init_packed(packed, bits, ids, labels, paths, backend, workers)
+        return index
+
+    def _init_packed(self, packed, bits, ids, labels, paths, backend, workers):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if backend == "faiss" and _faiss_module() is None:
+            raise ValueError("backend='faiss' needs faiss: pip install faiss-cpu "
+                             "(or the tbhvae[faiss] extra), or use backend='numpy'")
+        if workers is not None and int(workers) < 1:
+            raise ValueError(f"workers: expected a positive thread count, got {workers}")
+        n = packed.shape[0]
+        self._bits = bits
+        self._backend = backend
+        self._workers = int(workers) if workers is not None else (os.cpu_count() or 1)
+        self._words = np.ascontiguousarray(to_words(packed).T)
+        self._ids = _check_ids(np.arange(n) if ids is None else ids, n)
+        _check_duplicates(self._ids)
+        self._labels = None if labels is None else _check_labels(labels, n)
+        self._paths = None if paths is None else _check_paths(paths, n)
+        self._faiss_index = None
+
+    # ----------------------------------------------------------------- contents
+
+    def __len__(self) -> int:
+        return self._words.shape[1]
+
+    def __repr__(self) -> str:
+        return f"HammingIndex(n={len(self)}, bits={self._bits}, backend={self._backend!r})"
+
+    @property
+    def bits(self) -> int:
+        """Bits per code (M)."""
+        return self._bits
+
+    @property
+    def backend(self) -> str:
+        """Search backend actually used by `search`: "numpy" or "faiss"."""
+        if self._backend == "auto":
+            use_faiss = self._bits >= _AUTO_FAISS_MIN_BITS and _faiss_module() is not None
+            return "faiss" if use_faiss else "numpy"
+        return self._backend
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 [n] ids in index order (read-only)."""
+        view = self._ids.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Per-code labels in index order, or None."""
+        return self._labels
+
+    @property
+    def paths(self) -> np.ndarray | None:
+        """Per-code path strings [n] in index order, or None."""
+        return self._paths
+
+    @property
+    def packed(self) -> np.ndarray:
+        """Codes packed as by `tbhvae.codes.pack_codes`: uint8 [n, ceil(bits / 8)] (a copy)."""
+        nbytes = -(-self._bits // 8)
+        return np.ascontiguousarray(self._words.T).view(np.uint8)[:, :nbytes].copy()
+
+    @property
+    def codes(self) -> np.ndarray:
+        """Codes as 0/1 uint8 [n, bits] (a copy)."""
+        return unpack_codes(self.packed, self._bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by codes, ids, labels and paths, in bytes (faiss copy excluded)."""
+        extra = sum(a.nbytes for a in (self._labels, self._paths) if a is not None)
+        return self._words.nbytes + self._ids.nbytes + extra
+
+    def add(self, codes, ids=None, labels=None, paths=None) -> None:
+        """Appends codes [m, bits] after the existing ones.
+
+        ids default to max(existing ids) + 1 onwards (arange for a fresh index).
+        labels / paths must be given exactly when the index already holds them.
+        """
+        codes = check_bits(codes)
+        self._check_length(codes, "codes")
+        m = codes.shape[0]
+        if ids is None:
+            start = int(self._ids.max()) + 1 if len(self) else 0
+            ids = np.arange(start, start + m)
+        new_ids = _check_ids(ids, m)
+        all_ids = np.concatenate([self._ids, new_ids])
+        _check_duplicates(all_ids)
+        for name, given, held in (("labels", labels, self._labels), ("paths", paths, self._paths)):
+            if (given is None) != (held is None):
+                state = "holds" if held is not None else "was built without"
+                raise ValueError(f"add: the index {state} {name}; pass {name} "
+                                 f"{'for the new codes' if held is not None else '=None'}")
+        if labels is not None:
+            new_labels = _check_labels(labels, m)
+            if new_labels.shape[1:] != self._labels.shape[1:]:
+                raise ValueError(f"labels: expected trailing shape {self._labels.shape[1:]}, "
+                                 f"got {new_labels.shape[1:]}")
+            self._labels = np.concatenate([self._labels, new_labels])
+        if paths is not None:
+            self._paths = np.concatenate([self._paths, _check_paths(paths, m)])
+        new_words = np.ascontiguousarray(to_words(np.packbits(codes, axis=1)).T)
+        self._words = np.concatenate([self._words, new_words], axis=1)
+        self._ids = all_ids
+        if self._faiss_index is not None:
+            self._faiss_index.add(np.packbits(codes, axis=1))
+
+    # ------------------------------------------------------------------ search
+
+    def search(self, query_codes, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest codes of each query.
+
+        query_codes: 0/1 [q, bits]. k > len(index) is clamped to len(index).
+        Returns (distances int32 [q, k], ids int64 [q, k]), by ascending
+        distance, ties by position in the index.
+        """
+        query_words = self._query_words(query_codes)
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k: expected a positive integer, got {k!r}")
+        k = min(int(k), len(self))
+        q = query_words.shape[0]
+        if k == 0 or q == 0:
+            return np.zeros((q, k), dtype=np.int32), np.zeros((q, k), dtype=np.int64)
+        if self.backend == "faiss":
+            distances, positions = self._faiss_top_k(query_words, k)
+        else:
+            distances, positions = self._numpy_top_k(query_words, k)
+        return distances, self._ids[positions]
+
+    def radius_search(self, query_codes, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """All codes within Hamming distance <= radius of each query (numpy backend).
+
+        Returns one (distances int32 [m_i], ids int64 [m_i]) pair per query,
+        by ascending distance, ties by position in the index.
+        """
+        query_words = self._query_words(query_codes)
+        if not isinstance(radius, (int, np.integer)) or isinstance(radius, bool) or radius < 0:
+            raise ValueError(f"radius: expected a non-negative integer, got {radius!r}")
+        results = [None] * query_words.shape[0]
+
+        def select(i, row, guess):
+            distances, positions = _sorted_within(row, int(radius))
+            results[i] = (distances.astype(np.int32), self._ids[positions])
+            return guess
+
+        self._scan(query_words, select)
+        return results
+
+    def _check_length(self, codes: np.ndarray, name: str) -> None:
+        if codes.shape[1] != self._bits:
+            raise ValueError(f"{name}: codes have {codes.shape[1]} bits but the index holds "
+                             f"{self._bits}-bit codes")
+
+    def _query_words(self, query_codes) -> np.ndarray:
+        codes = check_bits(query_codes, "query_codes")
+        self._check_length(codes, "query_codes")
+        return to_words(np.packbits(codes, axis=1))
+
+    def _numpy_top_k(self, query_words, k):
+        q = query_words.shape[0]
+        distances = np.empty((q, k), dtype=np.int32)
+        positions = np.empty((q, k), dtype=np.int64)
+
+        def select(i, row, guess):
+            threshold = _kth_smallest(row, k, self._bits, guess)
+            row_distances, row_positions = _sorted_within(row, threshold)
+            distances[i] = row_distances[:k]
+            positions[i] = row_positions[:k]
+            return threshold
+
+        self._scan(query_words, select)
+        return distances, positions
+
+    def _scan(self, query_words, select) -> None:
+        """Calls select(query_index, distance_row, guess) -> guess for every query.
+
+        Queries are split across worker threads; each worker fills a bounded
+        [chunk, n] distance block at a time. `guess` carries a hint (the last
+        threshold) from one query to the next within a worker.
+        """
+        q, n = query_words.shape[0], len(self)
+        dtype = np.min_scalar_type(self._bits)
+        chunk = max(1, min(q, _DISTANCE_BLOCK_BYTES // max(1, n * np.dtype(dtype).itemsize)))
+        workers = min(self._workers, q) if q * n >= _MIN_PARALLEL_PAIRS else 1
+        bounds = np.linspace(0, q, workers + 1).astype(int)
+
+        def run(begin, end):
+            block = np.empty((min(chunk, end - begin), n), dtype=dtype)
+            guess = self._bits // 2
+            for start in range(begin, end, chunk):
+                stop = min(end, start + chunk)
+                _distance_block(query_words[start:stop], self._words, block)
+                for offset in range(stop - start):
+                    guess = select(start + offset, block[offset], guess)
+
+        if workers == 1:
+            run(0, q)
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(run, bounds[w], bounds[w + 1]) for w in range(workers)]:
+                future.result()
+
+    def _faiss_top_k(self, query_words, k):
+        """Top-k through faiss, re-ranked to the numpy order.
+
+        faiss's order among equal distances is not part of its API (and it may
+        cut a tie at k), so each query fetches more than k neighbours until
+        the last fetched distance exceeds the k-th one: then every code tied at
+        the k-th distance is a candidate, and sorting the candidates by
+        (distance, position) reproduces the numpy order exactly.
+        """
+        faiss_index = self._faiss()
+        n = len(self)
+        nbytes = faiss_index.code_size
+        queries = np.ascontiguousarray(query_words.view(np.uint8)[:, :nbytes])
+        distances = np.empty((queries.shape[0], k), dtype=np.int32)
+        positions = np.empty((queries.shape[0], k), dtype=np.int64)
+        pending = np.arange(queries.shape[0])
+        fetch = min(n, 2 * k + 16)
+        while pending.size:
+            found_distances, found_positions = faiss_index.search(queries[pending], fetch)
+            complete = (found_distances[:, -1] > found_distances[:, k - 1]) | (fetch == n)
+            key = found_distances[complete].astype(np.int64) * n + found_positions[complete]
+            order = np.argsort(key, axis=1)[:, :k]
+            rows = pending[complete]
+            distances[rows] = np.take_along_axis(found_distances[complete], order, axis=1)
+            positions[rows] = np.take_along_axis(found_positions[complete], order, axis=1)
+            pending = pending[~complete]
+            fetch = min(n, 4 * fetch)
+        return distances, positions
+
+    def _faiss(self):
+        if self._faiss_index is None:
+            faiss = _faiss_module()
+            packed = np.ascontiguousarray(self._words.T).view(np.uint8)
+            nbytes = -(-self._bits // 8)
+            self._faiss_index = faiss.IndexBinaryFlat(8 * nbytes)
+            self._faiss_index.add(np.ascontiguousarray(packed[:, :nbytes]))
+        return self._faiss_index
+
+    # ------------------------------------------------------------------- files
+
+    def save(self, path) -> None:
+        """Writes the index to one .npz file (packed codes, ids, bits, labels, paths)."""
+        path = Path(path)
+        arrays = {
+            "format": np.array(FORMAT_NAME),
+            "version": np.array(FORMAT_VERSION),
+            "bits": np.array(self._bits),
+            "packed": self.packed,
+            "ids": self._ids,
+        }
+        if self._labels is not None:
+            arrays["labels"] = self._labels
+        if self._paths is not None:
+            arrays["paths"] = self._paths
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as file:
+            np.savez(file, **arrays)
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path, *, backend: str = "auto", workers: int | None = None) -> "HammingIndex":
+        """Reads an index written by `save`.
+
+        Raises FileNotFoundError when `path` is missing and ValueError when it is
+        not a readable tbhvae Hamming index file.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such index file "
+                                    "(write one with HammingIndex.save)")
+        try:
+            archive = np.load(path, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError("a single .npy array, not an .npz archive")
+            with archive:
+                contents = {name: archive[name] for name in archive.files}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
+            raise ValueError(f"{path}: unreadable or corrupt index file ({error})") from error
+        if "format" not in contents:
+            raise ValueError(f"{path}: not a tbhvae Hamming index (no 'format' entry)")
+        if str(contents["format"]) != FORMAT_NAME:
+            raise ValueError(f"{path}: not a tbhvae Hamming index (format {contents['format']!s})")
+        missing = {"version", "bits", "packed", "ids"} - contents.keys()
+        if missing:
+            raise ValueError(f"{path}: corrupt index file, missing {sorted(missing)}")
+        try:
+            version, bits = int(contents["version"]), int(contents["bits"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: corrupt index file (bad version or bits entry)") from error
+        if version > FORMAT_VERSION:
+            raise ValueError(f"{path}: index format version {version} is newer than this "
+                             f"tbhvae supports ({FORMAT_VERSION}); upgrade tbhvae")
+        try:
+            return cls.from_packed(contents["packed"], bits, contents["ids"],
+                                   contents.get("labels"), contents.get("paths"),
+                                   backend=backend, workers=workers)
+        except ValueError as error:
+            raise ValueError(f"{path}: corrupt index file ({error})") from error

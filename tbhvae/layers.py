@@ -1,0 +1,107 @@
+"""Layers of the twin-bottleneck autoencoder (Keras 3, TensorFlow backend)."""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+DEGREE_EPSILON = 1e-8  # keeps D^-1/2 finite for isolated nodes
+
+
+@tf.custom_gradient
+def stochastic_binary(logits, threshold):
+    """Stochastic binary neuron with the straight-through gradient of TBH.
+
+    Args:
+      logits: float [B, M].
+      threshold: float [B, M], eps in b = 1[sigmoid(logits) > eps].
+    Returns:
+      (codes 0/1 float [B, M], probabilities sigmoid(logits) [B, M]). The
+      gradient w.r.t. the logits is p (1 - p) (dL/db + dL/dp); the threshold
+      gets none.
+    """
+    probs = tf.sigmoid(logits)
+    codes = tf.cast(probs > threshold, logits.dtype)
+
+    def grad(d_codes, d_probs):
+        return probs * (1.0 - probs) * (d_codes + d_probs), tf.zeros_like(threshold)
+
+    return (codes, probs), grad
+
+
+def hamming_adjacency(codes, exponent: float):
+    """Batch graph A_ij = (1 - d_H(b_i, b_j) / M) ** exponent: float [B, M] -> [B, B].
+
+    Codes in {0, 1} give Hamming distances; relaxed codes in [0, 1] give the
+    expected distance sum_k b_ik + b_jk - 2 b_ik b_jk, which is >= 0.
+    """
+    codes = tf.cast(codes, tf.float32)
+    bits = tf.cast(tf.shape(codes)[1], tf.float32)
+    ones = tf.reduce_sum(codes, axis=1)
+    distance = ones[:, None] + ones[None, :] - 2.0 * tf.matmul(codes, codes, transpose_b=True)
+    similarity = tf.clip_by_value(1.0 - distance / bits, 0.0, 1.0)
+    if exponent == 1.0:
+        return similarity
+    return tf.pow(tf.maximum(similarity, DEGREE_EPSILON), exponent)
+
+
+def normalize_adjacency(adjacency):
+    """Symmetric normalisation D^-1/2 A D^-1/2 of a self-connected graph [B, B]."""
+    inv_sqrt_degree = tf.math.rsqrt(tf.reduce_sum(adjacency, axis=1) + DEGREE_EPSILON)
+    return inv_sqrt_degree[:, None] * adjacency * inv_sqrt_degree[None, :]
+
+
+class GraphConvolution(keras.layers.Layer):
+    """z' = activation(norm(A) @ Dense(z)): [B, C] and [B, B] -> [B, units]."""
+
+    def __init__(self, units: int, activation="sigmoid", **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(units, name="dense")
+        self.activation = keras.activations.get(activation)
+
+    def call(self, values, adjacency):
+        projected = self.dense(values)
+        norm = tf.cast(normalize_adjacency(adjacency), projected.dtype)
+        return self.activation(tf.matmul(norm, projected))
+
+
+class InputScaling(keras.layers.Layer):
+    """Fixed input normalisation stored with the model (and so with every export).
+
+    "none" passes features through; "standardize" applies (x - mean) / std
+    with statistics of the training features; "l2" scales each row to unit
+    norm and then by sqrt(D) so that entries stay O(1).
+    """
+
+    def __init__(self, mode: str, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.mode = mode
+        self.shift = self.add_weight(shape=(dim,), initializer="zeros", trainable=False, name="shift")
+        self.scale = self.add_weight(shape=(dim,), initializer="ones", trainable=False, name="scale")
+
+    def adapt(self, features) -> None:
+        """Sets the statistics from training features float [N, D] (numpy)."""
+        if self.mode == "standardize":
+            std = features.std(axis=0)
+            self.shift.assign(features.mean(axis=0))
+            self.scale.assign(1.0 / (std + 1e-3 * std.mean() + 1e-12))
+
+    def call(self, features):
+        features = tf.cast(features, self.compute_dtype)
+        if self.mode == "l2":
+            dim = tf.cast(tf.shape(features)[-1], features.dtype)
+            return tf.math.l2_normalize(features, axis=-1) * tf.sqrt(dim)
+        return (features - tf.cast(self.shift, features.dtype)) * tf.cast(self.scale, features.dtype)
+
+
+class Discriminator(keras.layers.Layer):
+    """Real-vs-encoded critic returning logits [B, 1]: one Dense, or a small MLP."""
+
+    def __init__(self, kind: str, hidden: int, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = [keras.layers.Dense(hidden, activation="relu", name="hidden")] if kind == "mlp" else []
+        self.logit = keras.layers.Dense(1, name="logit", dtype="float32")
+
+    def call(self, inputs):
+        for layer in self.hidden:
+            inputs = layer(inputs)
+        return self.logit(inputs)

@@ -1,0 +1,468 @@
+"""Training under tf.distribute: strategy, input pipeline, run directory, callbacks.
+
+A run directory holds:
+  config.json     the resolved config (written before training starts)
+  checkpoints/    model + optimiser + GECO state (tf.train.CheckpointManager)
+  logs/           TensorBoard event files (scalars, histograms, images, hparams)
+  metrics.json    final q10k evaluation
+Rerunning with the same directory resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tbhvae import config as config_lib
+from tbhvae import evaluation
+from tbhvae.config import Config, ConfigError
+from tbhvae.data import DataError, FeatureSet, load_features, per_class_queries
+from tbhvae.models import TwinBottleneckHashing, encode_features
+
+# Keys whose change makes an existing checkpoint unusable.
+ARCHITECTURE_KEYS = ("bits", "continuous_dim", "hidden_dim", "binary_bottleneck", "continuous_bottleneck",
+                     "discriminator", "discriminator_hidden", "input_scaling")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says what to do."""
+
+
+# ------------------------------------------------------------------ strategy
+def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
+    """"default" (one device), "mirrored" (all GPUs, else all logical CPUs),
+    "multiworker" (TF_CONFIG), or "auto" (mirrored when more than one GPU)."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "auto":
+        name = "mirrored" if len(gpus) > 1 else "default"
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise TrainingError("--strategy multiworker needs TF_CONFIG describing the cluster "
+                                "(see README 'Several machines')")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise TrainingError(f"unknown strategy '{name}': use auto, default, mirrored or multiworker")
+
+
+def is_chief() -> bool:
+    """True unless TF_CONFIG names this task as a non-chief worker."""
+    cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = cluster.get("task", {})
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in cluster.get("cluster", {})
+
+
+# ------------------------------------------------------------------ data
+def train_dataset(features: np.ndarray, batch_size: int, seed: int, start_step: int = 0) -> tf.data.Dataset:
+    """Global batches [batch_size, D] for steps start_step, start_step + 1, ...
+
+    Batch s is a pure function of (seed, s): each epoch is a stateless
+    permutation (index_shuffle), so a resumed run sees exactly the batches an
+    uninterrupted one would.
+    """
+    count = len(features)
+    if batch_size > count:
+        raise DataError(f"batch_size {batch_size} exceeds the {count} training examples")
+    steps_per_epoch = count // batch_size
+    table = tf.constant(features, dtype=tf.float32)
+
+    def indices(step):
+        epoch, offset = step // steps_per_epoch, step % steps_per_epoch
+        positions = offset * batch_size + tf.range(batch_size, dtype=tf.int64)
+        return tf.random.experimental.index_shuffle(
+            positions, seed=tf.stack([tf.constant(seed, tf.int64), epoch]),
+            max_index=count - 1)
+
+    dataset = (tf.data.Dataset.counter(start_step, dtype=tf.int64)
+               .map(indices, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .unbatch()
+               .batch(batch_size, drop_remainder=True)
+               .map(lambda idx: tf.gather(table, idx), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .prefetch(tf.data.AUTOTUNE))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def resolve_features(config: Config) -> FeatureSet:
+    """Loads config.features, or extracts (and caches) features from config.images."""
+    if config.features:
+        return load_features(config.features)
+    from tbhvae.data import extraction  # heavy (keras.applications); only when needed
+    path = extraction.features_for(config.images, config.backbone, config.backbone_weights,
+                                   cache_dir=os.path.expanduser(config.cache_dir),
+                                   data_dir=config.data_dir or None)
+    return load_features(path)
+
+
+def evaluation_queries(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the held-out queries for periodic evaluation (per-class slice when possible)."""
+    if labels.ndim == 1:
+        classes = max(int(labels.max()) + 1, 1)
+        picks = per_class_queries(labels, per_class=max(1, count // classes))
+        if len(picks) >= min(count, len(labels)) // 2:
+            return picks[:count]
+    return np.arange(min(count, len(labels)))
+
+
+# ------------------------------------------------------------------ run directory
+class RunDirectory:
+    """Paths and config bookkeeping of one run."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config_path = self.path / "config.json"
+        self.checkpoints = self.path / "checkpoints"
+        self.logs = self.path / "logs"
+        self.metrics_path = self.path / "metrics.json"
+
+    def saved_config(self) -> Config | None:
+        if not self.config_path.is_file():
+            return None
+        try:
+            values = json.loads(self.config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{self.config_path}: unreadable ({err}); remove it or pass --fresh") from None
+        return config_lib.from_dict(values, str(self.config_path))
+
+    def check_compatible(self, config: Config, input_dim: int) -> None:
+        saved = self.saved_config()
+        if saved is None:
+            return
+        changed = [k for k in ARCHITECTURE_KEYS if getattr(saved, k) != getattr(config, k)]
+        if changed:
+            detail = ", ".join(f"{k}: {getattr(saved, k)} -> {getattr(config, k)}" for k in changed)
+            raise ConfigError(f"{self.path} holds a run with a different architecture ({detail}); "
+                              f"use another --model_dir or pass --fresh to start over")
+        meta = self.path / "data.json"
+        if meta.is_file():
+            saved_dim = json.loads(meta.read_text()).get("input_dim")
+            if saved_dim is not None and saved_dim != input_dim:
+                raise DataError(f"features have dimension {input_dim} but the run in {self.path} was "
+                                f"trained on {saved_dim}-d features; use matching features or --fresh")
+
+    def write_config(self, config: Config, input_dim: int, dataset_size: int) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.config_path, config.to_json())
+        _atomic_write(self.path / "data.json", json.dumps({"input_dim": input_dim, "dataset_size": dataset_size}))
+
+    def clear(self) -> None:
+        for child in (self.checkpoints, self.logs):
+            if child.exists():
+                tf.io.gfile.rmtree(str(child))
+        for child in (self.config_path, self.metrics_path, self.path / "data.json"):
+            child.unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ callbacks
+class _Clock:
+    """Wall time spent inside train executions (excludes the first, compiling one)."""
+
+    def __init__(self):
+        self.compute_seconds = 0.0
+        self.steps_timed = 0
+        self.executions = 0
+        self._start = None
+
+    def begin(self):
+        self._start = time.perf_counter()
+
+    def end(self, steps: int):
+        elapsed = time.perf_counter() - self._start
+        self.executions += 1
+        if self.executions > 1:
+            self.compute_seconds += elapsed
+            self.steps_timed += steps
+
+
+class TrainingMonitor(keras.callbacks.Callback):
+    """Logging, periodic evaluation, checkpoints, progress and the stop at `steps`.
+
+    Called once per execution of `steps_per_execution` steps; the global step
+    is the actor optimiser's iteration count.
+    """
+
+    def __init__(self, config: Config, feature_set: FeatureSet, manager: tf.train.CheckpointManager,
+                 writer, steps_per_execution: int, chief: bool):
+        super().__init__()
+        self.config = config
+        self.features = feature_set
+        self.manager = manager
+        self.writer = writer
+        self.steps_per_execution = steps_per_execution
+        self.chief = chief
+        self.clock = _Clock()
+        self.queries = evaluation_queries(feature_set.test_labels, config.eval_queries)
+        self.progress = keras.utils.Progbar(config.steps, unit_name="step",
+                                            stateful_metrics=None) if chief else None
+        self.last_logs = {}
+        self.history = []  # (step, map@1000) of periodic evaluations
+        self.stopped_by_signal = False
+
+    @property
+    def step(self) -> int:
+        return int(self.model.actor_optimizer.iterations.numpy())
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.clock.begin()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.clock.end(self.steps_per_execution)
+        step = self.step
+        self.last_logs = {k: float(v) for k, v in (logs or {}).items()}
+        self._check_finite(step)
+        if step % self.config.log_every == 0:
+            self.write_scalars(step)
+        if self.config.eval_every and step % self.config.eval_every == 0 and step < self.config.steps:
+            self.evaluate(step)
+        if step % self.config.checkpoint_every == 0:
+            self.manager.save(checkpoint_number=step)
+        if self.progress is not None:
+            shown = [(k, self.last_logs[k]) for k in ("loss", "mse", "bit_mean") if k in self.last_logs]
+            self.progress.update(step, values=shown, finalize=False)
+        if step >= self.config.steps or self.stopped_by_signal:
+            self.model.stop_training = True
+
+    def _check_finite(self, step: int) -> None:
+        bad = [k for k, v in self.last_logs.items() if not math.isfinite(v)]
+        if bad:
+            self.model.stop_training = True
+            raise TrainingError(
+                f"non-finite loss at step {step} in term(s) {', '.join(sorted(bad))}; training stopped and "
+                f"the last good checkpoint ({self.manager.latest_checkpoint}) was kept. Lower the learning "
+                f"rate or check the input features")
+
+    def write_scalars(self, step: int) -> None:
+        with self.writer.as_default():
+            for name, value in self.last_logs.items():
+                tf.summary.scalar(f"train/{name}", value, step=step)
+            if self.clock.steps_timed:
+                tf.summary.scalar("speed/examples_per_second",
+                                  self.clock.steps_timed * self.config.batch_size / self.clock.compute_seconds,
+                                  step=step)
+            geco = self.model.geco
+            if geco is not None:
+                tf.summary.scalar("geco/lambda", float(geco.multiplier.numpy()), step=step)
+                tf.summary.scalar("geco/constraint_average", float(geco.constraint_average.numpy()), step=step)
+                tf.summary.scalar("geco/kappa", float(np.sqrt(geco.kappa_squared.numpy())), step=step)
+        for tracker in self.model.metrics:
+            tracker.reset_state()
+
+    def evaluate(self, step: int) -> float:
+        """mAP@1000 of fresh codes: held-out queries against the re-encoded database."""
+        db_codes = encode_features(self.model, self.features.train_features)
+        query_codes = encode_features(self.model, self.features.test_features[self.queries])
+        score = evaluation.mean_average_precision(query_codes, db_codes, self.features.test_labels[self.queries],
+                                                  self.features.train_labels, top_k=1000)
+        self.history.append((step, score))
+        bit_means = db_codes.mean(axis=0)
+        with self.writer.as_default():
+            tf.summary.scalar("eval/map@1000", score, step=step)
+            tf.summary.histogram("bits/mean_activation", bit_means, step=step)
+            tf.summary.scalar("bits/balance", 1.0 - 2.0 * float(np.abs(bit_means - 0.5).mean()), step=step)
+        return score
+
+    def on_train_end(self, logs=None):
+        step = self.step
+        if self.manager.latest_checkpoint is None or int(self.manager.latest_checkpoint.rsplit("-", 1)[-1]) != step:
+            self.manager.save(checkpoint_number=step)
+        if self.progress is not None:
+            self.progress.update(step, finalize=True)
+        self.writer.flush()
+
+
+def pr_curve_image(metrics: dict, title: str) -> np.ndarray | None:
+    """Renders the precision-recall-by-radius and precision@N curves: uint8 [1, H, W, 4]."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    pr = metrics["pr_curve"]
+    left.plot(pr["recall"], pr["precision"], marker=".")
+    left.set(xlabel="recall", ylabel="precision", title="PR by Hamming radius", xlim=(0, 1), ylim=(0, 1))
+    at_n = metrics["precision_at_n"]
+    right.plot(list(at_n), list(at_n.values()), marker=".")
+    right.set(xlabel="N", ylabel="precision@N", title="precision of the top N", xscale="log", ylim=(0, 1))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[None].copy()
+    plt.close(fig)
+    return image
+
+
+# ------------------------------------------------------------------ entry point
+def _execution_steps(config: Config, start_step: int, replicas: int) -> int:
+    """Steps per tf.function call that land exactly on every log/eval/checkpoint/end step.
+
+    With more than one replica it is 1: Keras 3's multi-step loop fails under
+    MirroredStrategy ("You must feed a value for placeholder tensor",
+    keras-team/keras#19246).
+    """
+    if replicas > 1:
+        return 1
+    spe = math.gcd(config.steps_per_execution, config.log_every, config.checkpoint_every,
+                   config.steps, max(config.steps - start_step, 1))
+    if config.eval_every:
+        spe = math.gcd(spe, config.eval_every)
+    return max(spe, 1)
+
+
+def use_xla(config: Config, strategy: tf.distribute.Strategy) -> bool:
+    """XLA for the train step, except for several replicas on CPU devices.
+
+    Logical CPU devices share one XLA host, and a compiled replica step then
+    reads another replica's variables ("Trying to access resource ... located
+    in device CPU:1"); GPUs each get their own compiled step.
+    """
+    if strategy.num_replicas_in_sync == 1:
+        return config.jit_compile
+    on_cpus = all("CPU" in device.upper() for device in strategy.extended.worker_devices)
+    return config.jit_compile and not on_cpus
+
+
+def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.Strategy | None = None,
+          fresh: bool = False, feature_set: FeatureSet | None = None) -> dict:
+    """Trains (or resumes) a run, evaluates it on every test query, writes metrics.json.
+
+    Returns the metrics dict. Raises ConfigError / DataError / TrainingError
+    with a one-line message on bad input.
+    """
+    strategy = strategy or make_strategy("auto")
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {replicas} replicas; "
+                          f"use a multiple of {replicas}")
+    run = RunDirectory(model_dir)
+    feature_set = feature_set or resolve_features(config)
+    if fresh:
+        run.clear()
+    run.check_compatible(config, feature_set.dim)
+    chief = is_chief()
+    if config.mixed_precision != "float32":
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+    keras.utils.set_random_seed(config.seed)
+
+    with strategy.scope():
+        model = TwinBottleneckHashing(config, feature_set.dim, dataset_size=len(feature_set.train_features))
+        model.input_scaling.adapt(feature_set.train_features)
+        actor = keras.optimizers.Adam(config.learning_rate, name="actor_adam")
+        critic = keras.optimizers.Adam(config.critic_learning_rate, name="critic_adam")
+        if config.mixed_precision == "mixed_float16":
+            actor, critic = keras.optimizers.LossScaleOptimizer(actor), keras.optimizers.LossScaleOptimizer(critic)
+        model.compile(actor_optimizer=actor, critic_optimizer=critic, optimizer=actor, auto_scale_loss=False)
+        model.build_all()
+        checkpoint = tf.train.Checkpoint(model=model, actor_optimizer=actor,
+                                         **({"critic_optimizer": critic} if model.critics else {}))
+    checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")
+    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.checkpoints_to_keep)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    start_step = int(actor.iterations.numpy())
+    if chief:
+        run.write_config(config, feature_set.dim, len(feature_set.train_features))
+    writer = (tf.summary.create_file_writer(str(run.logs / "train")) if chief
+              else tf.summary.create_noop_writer())
+    if chief and start_step == 0:
+        _write_hparams(writer, config)
+
+    spe = _execution_steps(config, start_step, replicas)
+    model.compile(actor_optimizer=actor, critic_optimizer=critic, optimizer=actor,
+                  jit_compile=use_xla(config, strategy), auto_scale_loss=False, steps_per_execution=spe)
+    monitor = TrainingMonitor(config, feature_set, manager, writer, spe, chief)
+    previous_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        monitor.stopped_by_signal = True
+
+    started = time.perf_counter()
+    if start_step < config.steps:
+        dataset = train_dataset(feature_set.train_features, config.batch_size, config.seed, start_step)
+        remaining = config.steps - start_step
+        signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            model.fit(dataset, epochs=1, steps_per_epoch=remaining, verbose=0, shuffle=False, callbacks=[monitor])
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+    train_seconds = time.perf_counter() - started
+    if monitor.stopped_by_signal:
+        raise TrainingError(f"stopped by SIGTERM at step {monitor.step}; checkpoint saved, rerun the same "
+                            f"command to resume")
+
+    metrics = final_evaluation(model, feature_set, config, writer, int(actor.iterations.numpy()))
+    previous = _read_json(run.metrics_path)
+    metrics.update(
+        train_seconds=train_seconds + previous.get("train_seconds", 0.0) if start_step else train_seconds,
+        examples_per_second=(monitor.clock.steps_timed * config.batch_size / monitor.clock.compute_seconds
+                             if monitor.clock.compute_seconds else previous.get("examples_per_second", 0.0)),
+        replicas=replicas,
+        map_history=[[s, m] for s, m in monitor.history],
+        final_train_terms=monitor.last_logs or previous.get("final_train_terms", {}),
+    )
+    if model.geco is not None:
+        metrics["geco_lambda"] = float(model.geco.multiplier.numpy())
+        metrics["geco_kappa"] = float(np.sqrt(model.geco.kappa_squared.numpy()))
+    for key in ("mutual_information", "total_correlation", "dimensionwise_kl", "binary_kl"):
+        if key in metrics["final_train_terms"]:
+            metrics[key] = metrics["final_train_terms"][key]
+    if chief:
+        _atomic_write(run.metrics_path, json.dumps(metrics, indent=2))
+    return metrics
+
+
+def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, step: int) -> dict:
+    """q10k (or q1k) protocol with curves; logs scalars and the PR plot at `step`."""
+    queries = (np.arange(len(feature_set.test_features)) if config.final_eval_queries == "all"
+               else per_class_queries(feature_set.test_labels))
+    db_codes = encode_features(model, feature_set.train_features)
+    query_codes = encode_features(model, feature_set.test_features[queries])
+    metrics = evaluation.evaluate_codes(query_codes, db_codes, feature_set.test_labels[queries],
+                                        feature_set.train_labels, top_k=1000, curves=True)
+    metrics.update(bits=config.bits, steps=step, queries=len(queries), database=len(db_codes),
+                   model=config.name, bit_balance=1.0 - 2.0 * float(np.abs(db_codes.mean(0) - 0.5).mean()))
+    with writer.as_default():
+        for key in ("map@1000", "map", "precision@r2"):
+            tf.summary.scalar(f"final/{key}", metrics[key], step=step)
+        image = pr_curve_image(metrics, f"{config.name}, {config.bits} bits, step {step}")
+        if image is not None:
+            tf.summary.image("final/retrieval_curves", image, step=step)
+    writer.flush()
+    return metrics
+
+
+def _write_hparams(writer, config: Config) -> None:
+    from tensorboard.plugins.hparams import api as hp
+    values = {k: v for k, v in json.loads(config.to_json()).items() if isinstance(v, (bool, int, float, str))}
+    with writer.as_default():
+        hp.hparams(values, trial_id=config.name)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tbhvae import layers
+
+
+def test_straight_through_gradient_matches_formula():
+    logits = tf.constant([[0.3, -1.2, 2.0], [-0.1, 0.0, 0.7]])
+    threshold = tf.constant([[0.5, 0.5, 0.9], [0.2, 0.5, 0.5]])
+    w_codes = tf.constant([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0]])
+    w_probs = tf.constant([[0.2, 0.4, -0.3], [1.0, 0.0, 2.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        codes, probs = layers.stochastic_binary(logits, threshold)
+        loss = tf.reduce_sum(w_codes * codes) + tf.reduce_sum(w_probs * probs)
+    grad = tape.gradient(loss, logits).numpy()
+    p = 1 / (1 + np.exp(-logits.numpy()))
+    np.testing.assert_allclose(codes.numpy(), (p > threshold.numpy()).astype(np.float32))
+    np.testing.assert_allclose(grad, p * (1 - p) * (w_codes.numpy() + w_probs.numpy()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("exponent", [1.0, 1.4])
+def test_adjacency_and_normalisation_match_numpy(exponent):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2, (7, 16)).astype(np.float32)
+    adjacency = layers.hamming_adjacency(tf.constant(codes), exponent).numpy()
+    hamming = (codes[:, None, :] != codes[None, :, :]).sum(-1)
+    expected = (1 - hamming / 16) ** exponent
+    np.testing.assert_allclose(adjacency, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.diag(adjacency), 1.0, rtol=1e-6)
+    degree = expected.sum(1)
+    normalised = expected / np.sqrt(degree)[:, None] / np.sqrt(degree)[None, :]
+    np.testing.assert_allclose(layers.normalize_adjacency(tf.constant(expected)).numpy(), normalised,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_graph_convolution_is_normalised_propagation():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(5, 3)).astype(np.float32)
+    adjacency = layers.hamming_adjacency(tf.constant(rng.integers(0, 2, (5, 8)).astype(np.float32)), 1.0)
+    conv = layers.GraphConvolution(4, activation=None)
+    out = conv(tf.constant(values), adjacency).numpy()
+    kernel, bias = (w.numpy() for w in conv.dense.weights)
+    expected = layers.normalize_adjacency(adjacency).numpy() @ (values @ kernel + bias)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_input_scaling_modes():
+    rng = np.random.default_rng(2)
+    x = rng.normal(3.0, 2.0, size=(200, 6)).astype(np.float32)
+    standardize = layers.InputScaling("standardize", 6)
+    standardize.adapt(x)
+    y = standardize(tf.constant(x)).numpy()
+    np.testing.assert_allclose(y.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(y.std(0), 1, atol=1e-2)
+    l2 = layers.InputScaling("l2", 6)(tf.constant(x)).numpy()
+    np.testing.assert_allclose(np.linalg.norm(l2, axis=1), np.sqrt(6), rtol=1e-5)
+    np.testing.assert_array_equal(layers.InputScaling("none", 6)(tf.constant(x)).numpy(), x)
