@@ -22,7 +22,9 @@ def check_bits(codes, name: str = "codes") -> np.ndarray:
         raise ValueError(f"{name}: expected 0/1 codes of shape [n, bits], got shape {codes.shape}")
     if codes.dtype == np.bool_:
         return np.ascontiguousarray(codes, dtype=np.uint8)
-    if codes.size and not np.isin(codes, (0, 1)).all():
+    if codes.size and not (np.issubdtype(codes.dtype, np.integer) or np.isin(codes, (0, 1)).all()):
+        raise ValueError(f"{name}: codes must hold only 0 and 1 (use 1[logit > 0] for signs)")
+    if codes.size and (codes.min() < 0 or codes.max() > 1):
         raise ValueError(f"{name}: codes must hold only 0 and 1 (use 1[logit > 0] for signs)")
     return np.ascontiguousarray(codes, dtype=np.uint8)
 

@@ -6,14 +6,20 @@ A run directory holds:
   logs/           TensorBoard event files (scalars, histograms, images, hparams)
   metrics.json    final q10k evaluation
 Rerunning with the same directory resumes from the latest checkpoint.
+Under MultiWorkerMirroredStrategy only the chief writes there; every worker
+restores from it (a filesystem all workers share), and non-chief workers save
+into a temporary directory that is removed at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,32 +45,75 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------ strategy
 def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """"default" (one device), "mirrored" (all GPUs, else all logical CPUs),
-    "multiworker" (TF_CONFIG), or "auto" (mirrored when more than one GPU)."""
+    "multiworker" (TF_CONFIG), or "auto" (mirrored when more than one GPU).
+
+    "multiworker" must be created before any other TensorFlow op runs.
+    """
+    if name == "multiworker":
+        return _multi_worker_strategy()
+    if name not in ("auto", "default", "mirrored"):
+        raise TrainingError(f"unknown strategy '{name}': use auto, default, mirrored or multiworker")
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if len(gpus) > 1 else "default"
     if name == "default":
         return tf.distribute.get_strategy()
-    if name == "mirrored":
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
-    if name == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise TrainingError("--strategy multiworker needs TF_CONFIG describing the cluster "
-                                "(see README 'Several machines')")
+    devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
+
+
+def _multi_worker_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    if "TF_CONFIG" not in os.environ:
+        raise TrainingError("--strategy multiworker needs TF_CONFIG describing the cluster "
+                            "(see README 'Several machines')")
+    cluster = _tf_config()
+    if not cluster.get("cluster") or "task" not in cluster:
+        raise TrainingError("TF_CONFIG needs both 'cluster' (job name -> host:port list) and 'task' "
+                            "(type and index of this process); see README 'Several machines'")
+    try:
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise TrainingError(f"unknown strategy '{name}': use auto, default, mirrored or multiworker")
+    except RuntimeError as err:  # "Collective ops must be configured at program startup"
+        raise TrainingError(f"cannot start the multi-worker strategy ({err}); create it with "
+                            f"make_strategy('multiworker') before any other TensorFlow op") from None
+    except ValueError as err:
+        raise TrainingError(f"TF_CONFIG does not describe a valid cluster ({err})") from None
+
+
+def _tf_config() -> dict:
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}")
+    except json.JSONDecodeError as err:
+        raise TrainingError(f"TF_CONFIG is not valid JSON ({err}); see README 'Several machines'") from None
+    if not isinstance(cluster, dict):
+        raise TrainingError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+    return cluster
 
 
 def is_chief() -> bool:
     """True unless TF_CONFIG names this task as a non-chief worker."""
-    cluster = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    cluster = _tf_config()
     task = cluster.get("task", {})
     if not task:
         return True
     if task.get("type") == "chief":
         return True
     return task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in cluster.get("cluster", {})
+
+
+def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def _gather_from_workers(strategy: tf.distribute.Strategy):
+    """A function int -> int64 [replicas], every replica's copy of its worker's value.
+
+    It runs a collective, so every worker must call it at the same point.
+    """
+    @tf.function
+    def gather(value):
+        return strategy.gather(strategy.run(tf.identity, args=(value,)), axis=0)
+
+    return lambda value: gather(tf.constant([value], tf.int64)).numpy()
 
 
 # ------------------------------------------------------------------ data
@@ -204,7 +253,7 @@ class TrainingMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, config: Config, feature_set: FeatureSet, manager: tf.train.CheckpointManager,
-                 writer, steps_per_execution: int, chief: bool):
+                 writer, steps_per_execution: int, chief: bool, strategy: tf.distribute.Strategy):
         super().__init__()
         self.config = config
         self.features = feature_set
@@ -219,6 +268,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.last_logs = {}
         self.history = []  # (step, map@1000) of periodic evaluations
         self.stopped_by_signal = False
+        self._gather = _gather_from_workers(strategy) if _is_multi_worker(strategy) else None
 
     @property
     def step(self) -> int:
@@ -237,21 +287,38 @@ class TrainingMonitor(keras.callbacks.Callback):
         if self.config.eval_every and step % self.config.eval_every == 0 and step < self.config.steps:
             self.evaluate(step)
         if step % self.config.checkpoint_every == 0:
-            self.manager.save(checkpoint_number=step)
+            self.save(step)
         if self.progress is not None:
             shown = [(k, self.last_logs[k]) for k in ("loss", "mse", "bit_mean") if k in self.last_logs]
             self.progress.update(step, values=shown, finalize=False)
+        if self._gather is not None:  # every worker must stop at the same step
+            self.stopped_by_signal = bool(self._gather(int(self.stopped_by_signal)).any())
         if step >= self.config.steps or self.stopped_by_signal:
             self.model.stop_training = True
 
     def _check_finite(self, step: int) -> None:
         bad = [k for k, v in self.last_logs.items() if not math.isfinite(v)]
         if bad:
-            self.model.stop_training = True
+            where = (f"step {step}" if self.steps_per_execution == 1
+                     else f"steps {step - self.steps_per_execution + 1}-{step}")
             raise TrainingError(
-                f"non-finite loss at step {step} in term(s) {', '.join(sorted(bad))}; training stopped and "
-                f"the last good checkpoint ({self.manager.latest_checkpoint}) was kept. Lower the learning "
+                f"non-finite loss term(s) {', '.join(sorted(bad))} at {where}; training stopped and the "
+                f"last good checkpoint ({self.manager.latest_checkpoint}) was kept. Lower the learning "
                 f"rate or check the input features")
+
+    def save(self, step: int) -> None:
+        """Checkpoints the current state, refusing weights or optimiser slots that hold NaN/Inf."""
+        variables = list(self.model.variables) + [
+            v for opt in (self.model.actor_optimizer, self.model.critic_optimizer) if opt is not None
+            for v in opt.variables]
+        bad = [v.path for v in variables
+               if tf.as_dtype(v.dtype).is_floating and not bool(tf.reduce_all(tf.math.is_finite(v.value)))]
+        if bad:
+            raise TrainingError(
+                f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} at step {step}; "
+                f"checkpoint not written, the last good one ({self.manager.latest_checkpoint}) was kept. "
+                f"Lower the learning rate or check the input features")
+        self.manager.save(checkpoint_number=step)
 
     def write_scalars(self, step: int) -> None:
         with self.writer.as_default():
@@ -286,7 +353,7 @@ class TrainingMonitor(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         step = self.step
         if self.manager.latest_checkpoint is None or int(self.manager.latest_checkpoint.rsplit("-", 1)[-1]) != step:
-            self.manager.save(checkpoint_number=step)
+            self.save(step)
         if self.progress is not None:
             self.progress.update(step, finalize=True)
         self.writer.flush()
@@ -332,6 +399,17 @@ def _execution_steps(config: Config, start_step: int, replicas: int) -> int:
     return max(spe, 1)
 
 
+def _report_metrics_as_vectors(model: keras.Model) -> None:
+    """Makes train_step return each metric as shape [1] instead of a scalar.
+
+    Under MultiWorkerMirroredStrategy Keras 3 averages step metrics with
+    strategy.reduce(MEAN, axis=0), which fails on scalars ("Invalid reduction
+    dimension 0 for input with 0 dimensions", tensorflow/tensorflow#72388).
+    """
+    step = model.train_step
+    model.train_step = lambda data: {name: tf.reshape(value, [1]) for name, value in step(data).items()}
+
+
 def use_xla(config: Config, strategy: tf.distribute.Strategy) -> bool:
     """XLA for the train step, except for several replicas on CPU devices.
 
@@ -350,7 +428,9 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
     """Trains (or resumes) a run, evaluates it on every test query, writes metrics.json.
 
     Returns the metrics dict. Raises ConfigError / DataError / TrainingError
-    with a one-line message on bad input.
+    with a one-line message on bad input, before anything in `model_dir` is
+    written; TrainingError also on SIGTERM (after a checkpoint) and on a
+    non-finite loss (keeping the last good checkpoint).
     """
     strategy = strategy or make_strategy("auto")
     replicas = strategy.num_replicas_in_sync
@@ -359,10 +439,14 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
                           f"use a multiple of {replicas}")
     run = RunDirectory(model_dir)
     feature_set = feature_set or resolve_features(config)
-    if fresh:
-        run.clear()
-    run.check_compatible(config, feature_set.dim)
+    if config.batch_size > len(feature_set.train_features):
+        raise DataError(f"batch_size {config.batch_size} exceeds the {len(feature_set.train_features)} "
+                        f"training examples; lower batch_size")
     chief = is_chief()
+    if not fresh:
+        run.check_compatible(config, feature_set.dim)
+    elif chief:
+        run.clear()
     if config.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
@@ -378,40 +462,74 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
         model.build_all()
         checkpoint = tf.train.Checkpoint(model=model, actor_optimizer=actor,
                                          **({"critic_optimizer": critic} if model.critics else {}))
-    checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")
-    manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.checkpoints_to_keep)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    # Every worker resumes from the chief's checkpoints; a non-chief saves (saving may
+    # involve collectives) into a private directory removed at the end.
+    latest = None if fresh else tf.train.latest_checkpoint(str(run.checkpoints))
+    if latest:
+        _restore(checkpoint, latest)
     start_step = int(actor.iterations.numpy())
+    if _is_multi_worker(strategy):
+        _check_same_start(strategy, start_step)
     if chief:
-        run.write_config(config, feature_set.dim, len(feature_set.train_features))
+        try:
+            run.write_config(config, feature_set.dim, len(feature_set.train_features))
+        except OSError as err:
+            raise ConfigError(f"--model_dir {run.path}: cannot write there ({err.strerror or err}); "
+                              f"choose a writable directory") from None
+    checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")
+    try:
+        manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.checkpoints_to_keep)
+        return _fit_and_evaluate(config, run, strategy, model, manager, feature_set, start_step, chief)
+    finally:
+        if not chief:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
+    try:
+        checkpoint.restore(path).assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError) as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"cannot restore checkpoint {path} ({detail}); it is damaged or belongs to "
+                            f"another model: pass --fresh to start over or use another --model_dir") from None
+
+
+def _check_same_start(strategy: tf.distribute.Strategy, start_step: int) -> None:
+    """Fails on every worker unless all restored the same step (e.g. model_dir not shared)."""
+    steps = _gather_from_workers(strategy)(start_step)
+    if steps.min() != steps.max():
+        raise TrainingError(f"workers resumed from different steps ({steps.min()} to {steps.max()}); "
+                            f"--model_dir must be on a filesystem every worker can read")
+
+
+def _fit_and_evaluate(config: Config, run: RunDirectory, strategy: tf.distribute.Strategy, model,
+                      manager: tf.train.CheckpointManager, feature_set: FeatureSet, start_step: int,
+                      chief: bool) -> dict:
+    """Runs the remaining steps, then the final evaluation; writes metrics.json on the chief."""
+    replicas = strategy.num_replicas_in_sync
+    actor = model.actor_optimizer
     writer = (tf.summary.create_file_writer(str(run.logs / "train")) if chief
               else tf.summary.create_noop_writer())
     if chief and start_step == 0:
         _write_hparams(writer, config)
 
     spe = _execution_steps(config, start_step, replicas)
-    model.compile(actor_optimizer=actor, critic_optimizer=critic, optimizer=actor,
+    if _is_multi_worker(strategy):
+        _report_metrics_as_vectors(model)
+    model.compile(actor_optimizer=actor, critic_optimizer=model.critic_optimizer, optimizer=actor,
                   jit_compile=use_xla(config, strategy), auto_scale_loss=False, steps_per_execution=spe)
-    monitor = TrainingMonitor(config, feature_set, manager, writer, spe, chief)
-    previous_handler = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum, frame):
-        monitor.stopped_by_signal = True
+    monitor = TrainingMonitor(config, feature_set, manager, writer, spe, chief, strategy)
 
     started = time.perf_counter()
     if start_step < config.steps:
         dataset = train_dataset(feature_set.train_features, config.batch_size, config.seed, start_step)
-        remaining = config.steps - start_step
-        signal.signal(signal.SIGTERM, on_sigterm)
-        try:
-            model.fit(dataset, epochs=1, steps_per_epoch=remaining, verbose=0, shuffle=False, callbacks=[monitor])
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
+        with _stop_on_sigterm(monitor):
+            model.fit(dataset, epochs=1, steps_per_epoch=config.steps - start_step, verbose=0, shuffle=False,
+                      callbacks=[monitor])
     train_seconds = time.perf_counter() - started
     if monitor.stopped_by_signal:
-        raise TrainingError(f"stopped by SIGTERM at step {monitor.step}; checkpoint saved, rerun the same "
-                            f"command to resume")
+        raise TrainingError(f"stopped by SIGTERM at step {monitor.step}; checkpoint saved in "
+                            f"{manager.directory}, rerun the same command to resume")
 
     metrics = final_evaluation(model, feature_set, config, writer, int(actor.iterations.numpy()))
     previous = _read_json(run.metrics_path)
@@ -432,6 +550,22 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
     if chief:
         _atomic_write(run.metrics_path, json.dumps(metrics, indent=2))
     return metrics
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(monitor: TrainingMonitor):
+    """Within the block, SIGTERM asks `monitor` to stop (and checkpoint) at the next step boundary.
+
+    Handlers can only be installed from the main thread; elsewhere SIGTERM keeps its handler.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(monitor, "stopped_by_signal", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, step: int) -> dict:

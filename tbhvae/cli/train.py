@@ -1,9 +1,16 @@
-"""Train TBH / TBH-VAE: `python train.py --config configs/cifar10_tbhvae.py [--features F.npz]`."""
+"""Train TBH / TBH-VAE: `python train.py --config configs/cifar10_tbhvae.py [--features F.npz]`.
+
+Exit codes: 0 done (metrics.json written), 2 bad input or a stop that needs
+attention (one `error: ...` line on stderr saying what to do; SIGTERM and a
+non-finite loss keep the checkpoints, so rerunning the same command resumes).
+"""
 from __future__ import annotations
 
 import json
+import os
 
 from absl import flags
+from absl import logging as absl_logging
 
 from tbhvae.cli import fail, run_main
 
@@ -15,34 +22,57 @@ flags.DEFINE_string("model_dir", None, "Run directory (default runs/<config name
 flags.DEFINE_string("features", None, "Feature .npz (skips TFDS download and backbone extraction).")
 flags.DEFINE_integer("bits", None, "Code length M (overrides the config).")
 flags.DEFINE_integer("steps", None, "Total training steps (overrides the config).")
-flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multiworker"], "tf.distribute strategy.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multiworker"],
+                  "tf.distribute strategy; multiworker reads the cluster from TF_CONFIG.")
 flags.DEFINE_bool("fresh", False, "Discard any run already in --model_dir and start over.")
+
+
+def load_checked_config():
+    """--config plus overrides, validated without importing TensorFlow."""
+    from tbhvae import config as config_lib
+    from tbhvae.config import ConfigError
+
+    try:
+        config = config_lib.load_config(FLAGS.config)
+    except ConfigError:
+        raise
+    except Exception as err:  # the config file is user Python code: any failure is a config error
+        raise ConfigError(f"{FLAGS.config}: {type(err).__name__}: {err}; fix the config file "
+                          f"(valid keys: tbhvae/config.py)") from None
+    overrides = list(FLAGS.set)
+    for key in ("features", "bits", "steps"):
+        if getattr(FLAGS, key) is not None:
+            overrides.append(f"{key}={getattr(FLAGS, key)}")
+    return config_lib.apply_overrides(config, overrides)
 
 
 def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value")
-    from tbhvae import config as config_lib  # after flag parsing: --help stays fast
-    from tbhvae.config import ConfigError
-    from tbhvae.data import DataError
+    from tbhvae.config import ConfigError  # after flag parsing: --help stays fast
+    from tbhvae.data import DataError, load_features
+
+    try:  # cheap checks first, so bad input fails fast and before TensorFlow starts
+        config = load_checked_config()
+        feature_set = load_features(config.features) if config.features else None
+    except (ConfigError, DataError) as err:
+        fail(str(err))
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # TF's per-checkpoint INFO lines
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from tbhvae import training
 
+    model_dir = FLAGS.model_dir or f"runs/{config.name}_{config.bits}b"
     try:
-        config = config_lib.load_config(FLAGS.config)
-        overrides = list(FLAGS.set)
-        for key in ("features", "bits", "steps"):
-            if getattr(FLAGS, key) is not None:
-                overrides.append(f"{key}={getattr(FLAGS, key)}")
-        config = config_lib.apply_overrides(config, overrides)
-        model_dir = FLAGS.model_dir or f"runs/{config.name}_{config.bits}b"
-        strategy = training.make_strategy(FLAGS.strategy)
-        metrics = training.train(config, model_dir, strategy=strategy, fresh=FLAGS.fresh)
+        strategy = training.make_strategy(FLAGS.strategy)  # first TF op: multiworker needs that
+        metrics = training.train(config, model_dir, strategy=strategy, fresh=FLAGS.fresh, feature_set=feature_set)
     except (ConfigError, DataError, training.TrainingError) as err:
         fail(str(err))
     summary = {k: metrics[k] for k in ("model", "bits", "steps", "map@1000", "map", "precision@r2",
                                        "train_seconds", "examples_per_second") if k in metrics}
     print(json.dumps(summary, indent=2))
-    print(f"metrics written to {model_dir}/metrics.json; TensorBoard: tensorboard --logdir {model_dir}/logs")
+    if training.is_chief():
+        print(f"metrics written to {model_dir}/metrics.json; TensorBoard: tensorboard --logdir {model_dir}/logs")
 
 
 def run():

@@ -1,0 +1,108 @@
+"""Export a trained run as a deployable hash encoder.
+
+    python export.py --model_dir runs/cifar10_tbh_32b --out exported --name tbh \\
+        [--tflite_dir exported/tbh_tflite]
+
+writes the SavedModel `exported/tbh/<next version>/` (TF Serving layout; signatures in
+`tbhvae.serving`) and, with --tflite_dir, `float32.tflite`, `float16.tflite`,
+`dynamic.tflite` and `int8.tflite` there, then a parity report against the Keras
+model over the test features (`parity.json` next to the TFLite files, and a table on stdout).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import flags
+
+from tbhvae.cli import fail, run_main
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the flags (called by `run`, so that importing this module defines none)."""
+    flags.DEFINE_string("model_dir", None, "Run directory written by train.py.", required=True)
+    flags.DEFINE_string("out", None, "Base directory; the SavedModel goes to OUT/NAME/<version>/.", required=True)
+    flags.DEFINE_string("name", "tbh_encoder", "Model name (a directory under --out; TF Serving's model_name).")
+    flags.DEFINE_string("tflite_dir", None, "Also write the TFLite variants and the parity report here.")
+    flags.DEFINE_string("features", None, "Feature .npz for int8 calibration (train split) and the parity "
+                        "report (test split); default: the run's config.features.")
+    flags.DEFINE_string("backbone", None, "Add image signatures with this backbone (default: the run's "
+                        "backbone when it extracted its own features).")
+    flags.DEFINE_string("backbone_weights", None, "imagenet, none or a weights file (default: the run's).")
+    flags.DEFINE_integer("backbone_input_size", None, "Square backbone input side in pixels "
+                         "(default: the backbone's own).")
+    flags.DEFINE_enum("serving_default", "features", ["features", "images"], "Signature served as serving_default.")
+    flags.DEFINE_integer("representative_examples", 1000, "Training rows used to calibrate the int8 variant.")
+    flags.DEFINE_integer("parity_examples", 0, "Test rows in the parity report (0 = all).")
+    flags.DEFINE_integer("latency_repeats", 200, "Timed single-example calls per encoder in the parity report.")
+    flags.DEFINE_integer("num_threads", 1, "LiteRT interpreter threads in the parity report.")
+
+
+def parity_features(run, path: str | None):
+    """The feature set for calibration and parity: --features, else the run's config.features."""
+    from tbhvae.data import DataError, load_features
+    from tbhvae.serving import ExportError
+
+    path = path or run.config.features
+    if not path:
+        raise ExportError(f"--tflite_dir needs features for int8 calibration and the parity report: the run "
+                          f"in {run.path} extracted its own, so pass --features FILE.npz")
+    try:
+        feature_set = load_features(path)
+    except DataError as err:
+        raise ExportError(str(err)) from None
+    if feature_set.dim != run.input_dim:
+        raise ExportError(f"{path}: features have dimension {feature_set.dim} but the run was trained on "
+                          f"{run.input_dim}; pass the --features the run was trained on")
+    return feature_set
+
+
+def main(argv):
+    if len(argv) > 1:
+        fail(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value")
+    for key in ("representative_examples", "latency_repeats", "num_threads"):
+        if getattr(FLAGS, key) < 1:
+            fail(f"--{key} must be >= 1, got {getattr(FLAGS, key)}")
+    if FLAGS.parity_examples < 0:
+        fail(f"--parity_examples must be >= 0 (0 = all), got {FLAGS.parity_examples}")
+    from tbhvae import serving  # after flag parsing: --help stays fast
+
+    try:
+        run = serving.load_run(FLAGS.model_dir)
+        backbone = serving.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size)
+        feature_set = parity_features(run, FLAGS.features) if FLAGS.tflite_dir else None
+        path = serving.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default)
+    except serving.ExportError as err:
+        fail(str(err))
+    signatures = ["serving_default", "encode_features"] + (["encode_images", "encode_jpeg"] if backbone else [])
+    print(f"SavedModel written to {path} (signatures: {', '.join(signatures)}; "
+          f"serving_default = {FLAGS.serving_default})")
+    if not FLAGS.tflite_dir:
+        return
+    representative = serving.representative_rows(feature_set.train_features, FLAGS.representative_examples)
+    files = serving.write_tflite_variants(path, FLAGS.tflite_dir, representative)
+    print("TFLite files: " + ", ".join(str(p) for p in files.values()))
+    test = feature_set.test_features[:FLAGS.parity_examples or None]
+    candidates = {"saved_model": serving.SavedModelEncoder(path)}
+    candidates.update({k: serving.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
+    report = serving.parity_report(serving.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
+    report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
+                  representative_examples=len(representative), num_threads=FLAGS.num_threads)
+    report_path = Path(FLAGS.tflite_dir) / "parity.json"
+    report_path.write_text(json.dumps(report, indent=2))
+    print(serving.format_parity_table(report))
+    print(f"parity report written to {report_path}")
+    int8 = report["rows"]["int8"]["bit_agreement"]
+    if int8 < 0.98:
+        print(f"warning: int8 bit agreement {100 * int8:.2f}% is below 98%; prefer dynamic.tflite")
+
+
+def run():
+    define_flags()
+    run_main(main, __name__)
+
+
+if __name__ == "__main__":
+    run()

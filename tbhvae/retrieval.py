@@ -1,0 +1,344 @@
+"""Hamming-distance retrieval with an exported encoder: build an index, query it, draw examples.
+
+    python -m tbhvae.retrieval build --encoder exported/tbh --features cifar10_effnetlite0.npz \\
+        --index cifar10_train.index.npz
+    python -m tbhvae.retrieval query --encoder exported/tbh --features cifar10_effnetlite0.npz \\
+        --index cifar10_train.index.npz --k 10 --results results.json \\
+        --images cifar10_jpeg.npz --figure retrieval.png --logdir runs/retrieval
+
+`--encoder` is an exported SavedModel (its versions directory or one version), a `.tflite`
+file or a training run directory. The database is the train split of the feature file
+(ids = row numbers, labels stored in the index); queries are rows of its test split.
+With `--images` (a JPEG .npz whose rows align with the feature file, e.g.
+cifar10_jpeg.npz) and no `--features`, an image export encodes the JPEG files directly.
+The figure shows one query per row, then its top-k; retrieved images of the query's
+class (sharing a label, for multi-label data) are framed green, the others red.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+FRAME_QUERY = (90, 90, 90)
+FRAME_CORRECT = (0, 170, 0)
+FRAME_WRONG = (220, 0, 0)
+BACKGROUND = (255, 255, 255)
+HEADER = 16  # pixels of title text above the grid
+SPACING = 2  # pixels between tiles
+QUERY_GAP = 12  # extra pixels between the query column and the results
+
+
+class RetrievalError(ValueError):
+    """Bad retrieval input; the message names the file or flag and the fix."""
+
+
+# ------------------------------------------------------------------ images
+def jpeg_rows(path: str | Path, split: str, rows) -> list[bytes]:
+    """The encoded images `rows` of `split` in a JPEG .npz (layout of cifar10_jpeg.npz)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RetrievalError(f"{path}: JPEG .npz not found; pass --images with e.g. ../shared/data/cifar10_jpeg.npz")
+    with np.load(path, allow_pickle=False) as data:
+        keys = (f"{split}_bytes", f"{split}_offsets")
+        if any(k not in data.files for k in keys):
+            raise RetrievalError(f"{path}: missing {' or '.join(keys)}; expected the layout of cifar10_jpeg.npz")
+        offsets = data[f"{split}_offsets"]
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(offsets) - 1):
+            raise RetrievalError(f"{path}: '{split}' has {len(offsets) - 1} images but row {rows.max()} was "
+                                 f"asked for; the image file must align row by row with the features")
+        encoded = data[f"{split}_bytes"]
+        return [encoded[offsets[r]:offsets[r + 1]].tobytes() for r in rows]
+
+
+def image_count(path: str | Path, split: str) -> int:
+    """Number of images of `split` in a JPEG .npz."""
+    with np.load(path, allow_pickle=False) as data:
+        key = f"{split}_offsets"
+        if key not in data.files:
+            raise RetrievalError(f"{path}: missing {key}; expected the layout of cifar10_jpeg.npz")
+        return len(data[key]) - 1
+
+
+def _tile(encoded: bytes, cell: int, border: int, colour) -> np.ndarray:
+    """A decoded image scaled (centre-cropped to a square) to cell x cell, framed: uint8 [T, T, 3]."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    image = ImageOps.fit(Image.open(io.BytesIO(encoded)).convert("RGB"), (cell, cell), Image.Resampling.BILINEAR)
+    tile = np.empty((cell + 2 * border, cell + 2 * border, 3), np.uint8)
+    tile[:] = colour
+    tile[border:border + cell, border:border + cell] = np.asarray(image)
+    return tile
+
+
+def figure_size(rows: int, k: int, cell: int, border: int) -> tuple[int, int]:
+    """(height, width) in pixels of `retrieval_figure` for `rows` queries and top-`k`."""
+    tile = cell + 2 * border
+    return HEADER + rows * (tile + SPACING) + SPACING, SPACING + tile + QUERY_GAP + k * (tile + SPACING)
+
+
+def retrieval_figure(query_images: list[bytes], result_images: list[list[bytes]], correct: np.ndarray,
+                     cell: int = 64, border: int = 4, title: str = "") -> np.ndarray:
+    """Paper-style retrieval examples: uint8 [H, W, 3] (size from `figure_size`).
+
+    query_images: encoded images [rows]; result_images: encoded images [rows][k];
+    correct: bool [rows, k], whether each result is relevant to its query (green
+    frame) or not (red frame).
+    """
+    from PIL import Image, ImageDraw
+
+    correct = np.asarray(correct, bool)
+    rows, k = correct.shape
+    if len(query_images) != rows or len(result_images) != rows or any(len(r) != k for r in result_images):
+        raise ValueError(f"retrieval_figure: need {rows} query images and {rows} x {k} results")
+    tile = cell + 2 * border
+    height, width = figure_size(rows, k, cell, border)
+    canvas = np.empty((height, width, 3), np.uint8)
+    canvas[:] = BACKGROUND
+    for r in range(rows):
+        top = HEADER + SPACING + r * (tile + SPACING)
+        canvas[top:top + tile, SPACING:SPACING + tile] = _tile(query_images[r], cell, border, FRAME_QUERY)
+        for j in range(k):
+            left = SPACING + tile + QUERY_GAP + j * (tile + SPACING)
+            colour = FRAME_CORRECT if correct[r, j] else FRAME_WRONG
+            canvas[top:top + tile, left:left + tile] = _tile(result_images[r][j], cell, border, colour)
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    draw.text((SPACING, 2), "query", fill=(0, 0, 0))
+    draw.text((SPACING + tile + QUERY_GAP, 2), title or f"top {k} by Hamming distance "
+              f"(green: relevant, red: not)", fill=(0, 0, 0))
+    return np.asarray(picture)
+
+
+def relevant(query_labels: np.ndarray, result_labels: np.ndarray) -> np.ndarray:
+    """bool [q, k]: result j of query i shares its class (or, multi-hot, a label).
+
+    query_labels: [q] or [q, C]; result_labels: [q, k] or [q, k, C].
+    """
+    if query_labels.ndim == 1:
+        return result_labels == query_labels[:, None]
+    return (result_labels & query_labels[:, None, :]).any(axis=-1)
+
+
+def figure_queries(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """`count` query rows: one random query per class in turn (single-label), else random rows."""
+    rng = np.random.default_rng(seed)
+    if labels.ndim == 1:
+        classes = np.unique(labels)
+        picks = [rng.choice(np.flatnonzero(labels == classes[i % len(classes)])) for i in range(count)]
+        return np.asarray(picks, dtype=np.int64)
+    return np.sort(rng.choice(len(labels), size=min(count, len(labels)), replace=False))
+
+
+# ------------------------------------------------------------------ commands
+@functools.lru_cache(maxsize=1)
+def _encoder(path: str):
+    from tbhvae import serving
+
+    return serving.open_encoder(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _feature_set(path: str):
+    from tbhvae.data import DataError, load_features
+
+    try:
+        return load_features(path)
+    except DataError as err:
+        raise RetrievalError(str(err)) from None
+
+
+def encode_split(encoder_path: str, features_path: str | None, images_path: str | None, split: str,
+                 rows=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Codes 0/1 uint8 [n, M] and labels of a split (all rows, or `rows`).
+
+    From `features_path` (any encoder) or, without it, from the JPEG files of
+    `images_path` (an exported SavedModel with image signatures).
+    """
+    from tbhvae import serving
+
+    encoder = _encoder(encoder_path)
+    if features_path:
+        feature_set = _feature_set(features_path)
+        features = getattr(feature_set, f"{split}_features")
+        labels = getattr(feature_set, f"{split}_labels")
+        if feature_set.dim != encoder.input_dim:
+            raise RetrievalError(f"{features_path}: features have dimension {feature_set.dim} but the encoder "
+                                 f"takes {encoder.input_dim}; use the features the model was trained on")
+        if rows is not None:
+            features, labels = features[rows], labels[rows]
+        return encoder.encode(features)["bits"], labels
+    if not images_path:
+        raise RetrievalError("pass --features FILE.npz (or --images FILE.npz with an image export)")
+    if not isinstance(encoder, serving.SavedModelEncoder):
+        raise RetrievalError("encoding images needs an exported SavedModel with image signatures as --encoder")
+    count = image_count(images_path, split)
+    rows = np.arange(count) if rows is None else np.asarray(rows)
+    with np.load(images_path, allow_pickle=False) as data:
+        labels = data[f"{split}_labels"][rows] if f"{split}_labels" in data.files else None
+    return encoder.encode_jpeg(jpeg_rows(images_path, split, rows))["bits"], labels
+
+
+def build(encoder: str, features: str | None, images: str | None, index_path: str):
+    """Encodes the train split and saves a HammingIndex (ids = rows, with labels) to `index_path`."""
+    from tbhvae.index import HammingIndex
+
+    start = time.perf_counter()
+    codes, labels = encode_split(encoder, features, images, "train")
+    index = HammingIndex(codes, labels=labels)
+    Path(index_path).parent.mkdir(parents=True, exist_ok=True)
+    index.save(index_path)
+    print(f"indexed {len(index)} codes of {index.bits} bits in {time.perf_counter() - start:.1f} s "
+          f"-> {index_path} ({Path(index_path).stat().st_size / 2**20:.2f} MiB)")
+    return index
+
+
+def query(encoder: str, features: str | None, images: str | None, index_path: str, k: int,
+          num_queries: int, results_path: str | None, show: int, compute_map: bool) -> dict:
+    """Top-k search for the first `num_queries` test rows (0 = all); prints and saves results."""
+    from tbhvae.index import HammingIndex
+
+    try:
+        index = HammingIndex.load(index_path)
+    except (OSError, ValueError) as err:
+        raise RetrievalError(f"--index: {err}") from None
+    rows = None if not num_queries else np.arange(num_queries)
+    codes, labels = encode_split(encoder, features, images, "test", rows)
+    if codes.shape[1] != index.bits:
+        raise RetrievalError(f"{index_path} holds {index.bits}-bit codes but the encoder makes "
+                             f"{codes.shape[1]}-bit codes; build the index with the same encoder")
+    start = time.perf_counter()
+    distances, ids = index.search(codes, k)
+    seconds = time.perf_counter() - start
+    summary = {"queries": len(codes), "k": int(ids.shape[1]), "search_seconds": seconds}
+    print(f"searched {len(codes)} queries, top {ids.shape[1]} of {len(index)} in {seconds:.3f} s")
+    db_labels = index.labels
+    if labels is not None and db_labels is not None:
+        hits = relevant(labels, db_labels[ids])
+        summary[f"precision@{ids.shape[1]}"] = float(hits.mean())
+        print(f"precision@{ids.shape[1]}: {hits.mean():.4f}")
+        if compute_map:
+            from tbhvae.evaluation import mean_average_precision
+            summary["map@1000"] = mean_average_precision(codes, index.codes, labels, db_labels, top_k=1000)
+            print(f"mAP@1000: {summary['map@1000']:.4f}")
+    for q in range(min(show, len(codes))):
+        detail = f" labels {db_labels[ids[q]].tolist()} (query {labels[q].tolist()})" if (
+            labels is not None and db_labels is not None and labels.ndim == 1) else ""
+        print(f"query {q}: ids {ids[q].tolist()} distances {distances[q].tolist()}{detail}")
+    if results_path:
+        path = Path(results_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".npz":
+            np.savez(path, ids=ids, distances=distances, query_rows=np.arange(len(codes)))
+        else:
+            path.write_text(json.dumps({**summary, "ids": ids.tolist(), "distances": distances.tolist()}))
+        print(f"results written to {path}")
+    return summary
+
+
+def draw(encoder: str, features: str | None, images: str, index_path: str, figure_path: str, rows: int,
+         k: int, cell: int, seed: int, logdir: str | None) -> np.ndarray:
+    """Writes the retrieval-examples PNG (and a TensorBoard image when `logdir`)."""
+    from tbhvae.index import HammingIndex
+
+    index = HammingIndex.load(index_path)
+    if index.labels is None:
+        raise RetrievalError(f"{index_path}: the index has no labels, so results cannot be marked right or wrong")
+    if image_count(images, "train") != len(index) or index.ids.min() < 0 or index.ids.max() >= len(index):
+        raise RetrievalError(f"{images}: its {image_count(images, 'train')} train images do not align with the "
+                             f"{len(index)} codes of {index_path} (ids must be feature rows)")
+    if features:
+        test_labels = _feature_set(features).test_labels
+    else:
+        with np.load(images, allow_pickle=False) as data:
+            test_labels = data["test_labels"]
+    picks = figure_queries(test_labels, rows, seed)
+    codes, labels = encode_split(encoder, features, images, "test", picks)
+    _, ids = index.search(codes, k)
+    order = np.argsort(index.ids)
+    positions = order[np.searchsorted(index.ids, ids, sorter=order)]
+    hits = relevant(labels, index.labels[positions])
+    query_images = jpeg_rows(images, "test", picks)
+    result_images = [jpeg_rows(images, "train", row_ids) for row_ids in ids]
+    picture = retrieval_figure(query_images, result_images, hits, cell=cell)
+    from PIL import Image
+
+    Path(figure_path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).save(figure_path)
+    print(f"figure written to {figure_path} ({picture.shape[1]} x {picture.shape[0]} px, "
+          f"{hits.mean():.0%} of shown results relevant)")
+    if logdir:
+        import tensorflow as tf
+
+        with tf.summary.create_file_writer(logdir).as_default():
+            tf.summary.image("retrieval/examples", picture[None], step=0,
+                             description=f"queries from {features or images} against {index_path}")
+        print(f"TensorBoard image written to {logdir} (tensorboard --logdir {logdir})")
+    return picture
+
+
+# ------------------------------------------------------------------ command line
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("encoder", None, "Exported SavedModel dir, .tflite file or training run dir.", required=True)
+    flags.DEFINE_string("index", None, "Index file (.npz) to write (build) or read (query).", required=True)
+    flags.DEFINE_string("features", None, "Feature .npz: train split = database, test split = queries.")
+    flags.DEFINE_string("images", None, "JPEG .npz aligned with the features (cifar10_jpeg.npz): images for the "
+                        "figure, or what to encode when --features is not given.")
+    flags.DEFINE_integer("k", 10, "Results per query.")
+    flags.DEFINE_integer("queries", 0, "Use the first N test rows as queries (0 = all).")
+    flags.DEFINE_string("results", None, "Write ids and distances here (.json or .npz).")
+    flags.DEFINE_integer("show", 5, "Print the results of this many queries.")
+    flags.DEFINE_bool("map", False, "Also compute mAP@1000 of the queries.")
+    flags.DEFINE_string("figure", None, "Write the retrieval-examples PNG here (needs --images).")
+    flags.DEFINE_integer("figure_rows", 10, "Queries in the figure (one random query per class in turn).")
+    flags.DEFINE_integer("figure_cell", 64, "Pixel size of each image in the figure.")
+    flags.DEFINE_integer("seed", 0, "Seed of the figure's query choice.")
+    flags.DEFINE_string("logdir", None, "Also write the figure to TensorBoard here.")
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from tbhvae.serving import ExportError
+
+    options = flags.FLAGS
+    if len(argv) != 2 or argv[1] not in ("build", "query"):
+        sys.exit("usage: python -m tbhvae.retrieval build|query --encoder E --index I [--features F] ...; "
+                 "see --help")
+    for key in ("k", "figure_rows", "figure_cell"):
+        if getattr(options, key) < 1:
+            sys.exit(f"error: --{key} must be >= 1, got {getattr(options, key)}")
+    try:
+        if argv[1] == "build":
+            build(options.encoder, options.features, options.images, options.index)
+            return
+        query(options.encoder, options.features, options.images, options.index, options.k, options.queries,
+              options.results, options.show, options.map)
+        if options.figure or options.logdir:
+            if not options.images:
+                raise RetrievalError("--figure/--logdir need --images (a JPEG .npz aligned with the features)")
+            draw(options.encoder, options.features, options.images, options.index,
+                 options.figure or str(Path(options.logdir) / "retrieval.png"), options.figure_rows,
+                 options.k, options.figure_cell, options.seed, options.logdir)
+    except (RetrievalError, ExportError) as err:
+        sys.exit(f"error: {err}")
+
+
+def run() -> None:
+    from absl import app
+
+    _define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,298 @@
+"""Deployable encoders: SavedModel round trip, versions, bad input, TFLite parity, REST format."""
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT
+from tbhvae import serving, training
+from tbhvae.config import Config
+from tbhvae.data import FeatureSet, save_features
+
+TINY = dict(bits=12, hidden_dim=32, continuous_dim=16, batch_size=64, steps=10, log_every=5,
+            checkpoint_every=5, eval_every=0, eval_queries=20, jit_compile=False, steps_per_execution=5)
+DIM = 1280  # mobilenet_v2's feature size, so that the image signatures can sit on the same run
+
+
+def train_tiny(tmp_path_factory, feature_set: FeatureSet, name: str, **changes):
+    """Trains a tiny run on `feature_set` (saved as its config.features) and restores it."""
+    folder = tmp_path_factory.mktemp(name)
+    features = save_features(folder / "features.npz", feature_set)
+    config = Config(name=name, features=str(features), **{**TINY, **changes})
+    training.train(config, folder / "run", strategy=tf.distribute.get_strategy(), feature_set=feature_set)
+    return serving.load_run(folder / "run")
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    centres = rng.gamma(1.0, 1.0, size=(4, DIM))
+    train_labels, test_labels = rng.integers(0, 4, 512), rng.integers(0, 4, 64)
+    train = np.maximum(centres[train_labels] + rng.normal(0, 0.5, (512, DIM)), 0).astype(np.float32)
+    test = np.maximum(centres[test_labels] + rng.normal(0, 0.5, (64, DIM)), 0).astype(np.float32)
+    return train_tiny(tmp_path_factory, FeatureSet(train, train_labels, test, test_labels), "synthetic")
+
+
+@pytest.fixture(scope="module")
+def exported(synthetic_run, tmp_path_factory):
+    """(run, SavedModel version directory) of the synthetic run, features only."""
+    base = tmp_path_factory.mktemp("exported")
+    return synthetic_run, serving.export_saved_model(synthetic_run, base, "tbh")
+
+
+def test_round_trip_gives_the_models_codes(exported):
+    run, path = exported
+    assert path.name == "1" and (path / "saved_model.pb").is_file()
+    loaded = tf.saved_model.load(str(path))
+    assert {"serving_default", "encode_features"} <= set(loaded.signatures)
+    signature = loaded.signatures["serving_default"]
+    spec = signature.structured_input_signature[1]["features"]
+    assert spec.shape.as_list() == [None, DIM] and spec.dtype == tf.float32
+    features = np.load(run.config.features)["test_features"]
+    outputs = {k: v.numpy() for k, v in signature(features=tf.constant(features)).items()}
+    reference = run.model.encode(tf.constant(features))
+    np.testing.assert_array_equal(outputs["bits"], reference["bits"].numpy())
+    np.testing.assert_array_equal(outputs["bits"], (reference["logits"].numpy() > 0).astype(np.uint8))
+    np.testing.assert_array_equal(outputs["probs"], reference["probs"].numpy())
+    np.testing.assert_array_equal(outputs["packed"], np.packbits(outputs["bits"], axis=1))
+    assert outputs["bits"].dtype == np.uint8 and outputs["packed"].shape == (len(features), 2)
+    assert 0 < outputs["bits"].mean() < 1  # 12 bits: the last byte is zero-padded, not constant codes
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 13, 64])
+def test_pack_bits_matches_numpy(bits):
+    codes = np.random.default_rng(bits).integers(0, 2, (5, bits), dtype=np.uint8)
+    np.testing.assert_array_equal(serving.pack_bits(tf.constant(codes)).numpy(), np.packbits(codes, axis=1))
+
+
+def test_second_export_is_a_new_version(synthetic_run, tmp_path):
+    first = serving.export_saved_model(synthetic_run, tmp_path, "model")
+    (tmp_path / "model" / "notes").mkdir()  # non-integer entries are not versions
+    second = serving.export_saved_model(synthetic_run, tmp_path, "model")
+    assert (first.name, second.name) == ("1", "2")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["1", "2", "notes"]
+    assert serving.resolve_saved_model(tmp_path / "model") == second
+    metadata = json.loads((second / serving.METADATA_FILE).read_text())
+    assert metadata["bits"] == 12 and metadata["checkpoint"] == synthetic_run.checkpoint
+
+
+@pytest.mark.parametrize("shape, dtype, message", [
+    ([3, DIM - 1], tf.float32, "not compatible with expected shape"),
+    ([DIM], tf.float32, "not compatible with expected shape"),
+    ([1, 3, DIM], tf.float32, "not compatible with expected shape"),
+    ([3, DIM], tf.float64, "expected to be a float tensor but is a double tensor"),
+    ([3, DIM], tf.int32, "expected to be a float tensor but is a int32 tensor"),
+])
+def test_signature_rejects_bad_input(exported, shape, dtype, message):
+    signature = tf.saved_model.load(str(exported[1])).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        signature(features=tf.zeros(shape, dtype))
+
+
+def test_export_from_empty_or_foreign_directory_fails(tmp_path, synthetic_run):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(serving.ExportError, match="no config.json"):
+        serving.load_run(empty)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(synthetic_run.path / "config.json", foreign)
+    shutil.copy(synthetic_run.path / "data.json", foreign)
+    with pytest.raises(serving.ExportError, match="no checkpoint"):
+        serving.load_run(foreign)
+    with pytest.raises(serving.ExportError, match="no such directory"):
+        serving.load_run(tmp_path / "absent")
+    result = subprocess.run([sys.executable, "export.py", "--model_dir", str(empty), "--out", str(tmp_path / "out"),
+                             "--name", "x"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no config.json" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_architecture_is_rejected(tmp_path, synthetic_run):
+    other = tmp_path / "other"
+    shutil.copytree(synthetic_run.path, other)
+    config = json.loads((other / "config.json").read_text())
+    config["hidden_dim"] = 48
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(serving.ExportError, match="does not match"):
+        serving.load_run(other)
+
+
+def test_cli_writes_versions_tflite_and_parity_report(synthetic_run, tmp_path):
+    command = [sys.executable, "export.py", "--model_dir", str(synthetic_run.path), "--out", str(tmp_path / "base"),
+               "--name", "tbh", "--tflite_dir", str(tmp_path / "lite"), "--latency_repeats", "3",
+               "--representative_examples", "200"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "base" / "tbh" / "1" / "saved_model.pb").is_file()
+    report = json.loads((tmp_path / "lite" / "parity.json").read_text())
+    assert report["examples"] == 64 and set(report["rows"]) == {"keras", "saved_model", *serving.TFLITE_VARIANTS}
+    assert report["rows"]["saved_model"]["bit_agreement"] == 1.0
+    assert report["rows"]["float32"]["bit_agreement"] == 1.0
+    assert "| int8 |" in result.stdout
+    for variant in serving.TFLITE_VARIANTS:
+        encoder = serving.LiteEncoder(tmp_path / "lite" / f"{variant}.tflite")
+        details = encoder.runner.get_output_details()
+        assert set(details) == {"bits", "packed", "probs"}
+        assert list(encoder.runner.get_input_details()) == ["features"]
+        assert report["rows"][variant]["size_bytes"] == (tmp_path / "lite" / f"{variant}.tflite").stat().st_size
+    # the bare export again: a second version, no TFLite work
+    command = command[:command.index("--tflite_dir")]
+    assert subprocess.run(command, cwd=REPO_ROOT, capture_output=True, timeout=300, env=env).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "base" / "tbh").iterdir()) == ["1", "2"]
+
+
+def test_lite_encoder_rejects_wrong_feature_size(exported, tmp_path):
+    path = tmp_path / "float32.tflite"
+    path.write_bytes(serving.convert_tflite(exported[1], "float32"))
+    encoder = serving.LiteEncoder(path)
+    with pytest.raises(ValueError, match=rf"expected a float array \[batch, {DIM}\]"):
+        encoder.encode(np.zeros((2, DIM + 1), np.float32))
+    with pytest.raises(ValueError, match="expected a float array"):
+        encoder.encode(np.zeros((2, DIM), np.int32))
+
+
+# ------------------------------------------------------------------ real CIFAR-10 features
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory, cifar_features):
+    return train_tiny(tmp_path_factory, cifar_features, "cifar", bits=32, hidden_dim=64, steps=40,
+                      learning_rate=1e-3, batch_size=200, checkpoint_every=20, log_every=20,
+                      steps_per_execution=20)
+
+
+def test_tflite_parity_on_real_cifar_features(cifar_run, cifar_features, tmp_path):
+    path = serving.export_saved_model(cifar_run, tmp_path, "tbh")
+    representative = serving.representative_rows(cifar_features.train_features, 300)
+    files = serving.write_tflite_variants(path, tmp_path / "lite", representative)
+    reference = serving.KerasEncoder(cifar_run)
+    expected = reference.encode(cifar_features.test_features)
+    assert 0.2 < expected["bits"].mean() < 0.8
+    agreement = {}
+    for variant, file in files.items():
+        outputs = serving.LiteEncoder(file).encode(cifar_features.test_features, batch_size=128)
+        agreement[variant] = (outputs["bits"] == expected["bits"]).mean()
+        np.testing.assert_array_equal(outputs["packed"], np.packbits(outputs["bits"], axis=1))
+        if variant == "float32":
+            np.testing.assert_array_equal(outputs["bits"], expected["bits"])
+            np.testing.assert_allclose(outputs["probs"], expected["probs"], atol=1e-5)
+    assert agreement["int8"] >= 0.98, agreement
+    assert agreement["float16"] >= 0.995 and agreement["dynamic"] >= 0.98, agreement
+    assert files["int8"].stat().st_size < files["float32"].stat().st_size / 3
+    report = serving.parity_report(reference, {"int8": serving.LiteEncoder(files["int8"])},
+                                   cifar_features.test_features, files, latency_repeats=3)
+    assert report["rows"]["int8"]["bit_agreement"] == pytest.approx(agreement["int8"])
+    assert report["rows"]["keras"]["bit_agreement"] == 1.0
+    assert report["rows"]["int8"]["latency_ms"] > 0
+
+
+# ------------------------------------------------------------------ image signatures
+def test_image_signatures_run_the_backbone(synthetic_run, tmp_path):
+    assert serving.run_backbone(synthetic_run) is None  # trained on a feature file: features only
+    own_features = dataclasses.replace(synthetic_run, config=synthetic_run.config.replace(
+        features="", backbone="mobilenet_v2", backbone_weights="none"))
+    backbone = serving.run_backbone(own_features, input_size=32)
+    assert backbone.name == "mobilenet_v2" and backbone.input_size == 32
+    path = serving.export_saved_model(synthetic_run, tmp_path, "img", backbone, serving_default="images")
+    loaded = tf.saved_model.load(str(path))
+    assert {"serving_default", "encode_features", "encode_images", "encode_jpeg"} <= set(loaded.signatures)
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (3, 40, 52, 3), dtype=np.uint8))
+    by_image = loaded.signatures["serving_default"](images=images)
+    features = backbone.model(backbone.preprocess(images), training=False)
+    by_features = loaded.signatures["encode_features"](features=features)
+    np.testing.assert_array_equal(by_image["bits"].numpy(), by_features["bits"].numpy())
+    np.testing.assert_allclose(by_image["probs"].numpy(), by_features["probs"].numpy(), atol=1e-6)
+    jpegs = [tf.io.encode_jpeg(image).numpy() for image in images] + [
+        tf.io.encode_jpeg(tf.zeros([20, 30, 3], tf.uint8)).numpy()]  # sizes may differ
+    by_jpeg = loaded.signatures["encode_jpeg"](encoded_jpeg=tf.constant(jpegs))
+    decoded = loaded.signatures["encode_images"](images=tf.stack([tf.io.decode_jpeg(j) for j in jpegs[:3]]))
+    np.testing.assert_array_equal(by_jpeg["bits"].numpy()[:3], decoded["bits"].numpy())
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not compatible with expected shape"):
+        loaded.signatures["encode_images"](images=tf.zeros([2, 8, 8, 4], tf.uint8))
+
+
+def test_backbone_of_the_wrong_size_is_rejected(synthetic_run):
+    with pytest.raises(serving.ExportError, match="2048-d features but the run was trained on 1280-d"):
+        serving.load_backbone("resnet50", "none", synthetic_run.input_dim, input_size=32)
+    with pytest.raises(serving.ExportError, match="needs a backbone"):
+        serving.export_saved_model(synthetic_run, "/nonexistent", "x", None, serving_default="images")
+
+
+# ------------------------------------------------------------------ REST
+def test_rest_row_and_columnar_formats(exported):
+    run, path = exported
+    loaded = tf.saved_model.load(str(path))
+    features = np.load(run.config.features)["test_features"][:3]
+    expected = {k: v.numpy() for k, v in loaded.signatures["serving_default"](features=tf.constant(features)).items()}
+    body = json.dumps({"instances": features.tolist()})
+    answer = json.loads(json.dumps(serving.rest_predict(loaded, body)))
+    assert list(answer) == ["predictions"] and len(answer["predictions"]) == 3
+    for i, prediction in enumerate(answer["predictions"]):
+        assert sorted(prediction) == ["bits", "packed", "probs"]
+        assert prediction["bits"] == expected["bits"][i].tolist()
+        assert prediction["packed"] == expected["packed"][i].tolist()
+        np.testing.assert_allclose(prediction["probs"], expected["probs"][i], rtol=1e-6)
+    named = serving.rest_predict(loaded, {"signature_name": "encode_features",
+                                          "instances": [{"features": row} for row in features.tolist()]})
+    assert named == answer
+    columnar = serving.rest_predict(loaded, {"inputs": {"features": features.tolist()}})
+    assert columnar["outputs"]["bits"] == expected["bits"].tolist()
+    assert serving.rest_predict(loaded, {"inputs": features.tolist()}) == columnar
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"instances": [[0.0] * 5]}, r"expected shape \[None, 1280\]"),
+    ({"instances": [[0.0] * DIM, [0.0] * 3]}, "same shape"),
+    ({"instances": []}, "non-empty list"),
+    ({"instances": [{"feature": [0.0] * DIM}]}, "needs the input"),
+    ({"instances": [[0.0] * DIM], "inputs": [[0.0] * DIM]}, "exactly one of"),
+    ({"signature_name": "nope", "instances": [[0.0] * DIM]}, "signature_name 'nope' not found"),
+    ("{not json", "not valid JSON"),
+])
+def test_rest_rejects_bad_requests(exported, body, message):
+    loaded = tf.saved_model.load(str(exported[1]))
+    with pytest.raises(serving.RestError, match=message):
+        serving.rest_predict(loaded, body)
+
+
+@pytest.mark.skipif(shutil.which("tensorflow_model_server") is None, reason="tensorflow_model_server not on PATH")
+def test_tensorflow_serving_answers_like_the_helper(exported):
+    run, path = exported
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(["tensorflow_model_server", f"--rest_api_port={port}", "--port=0",
+                               "--model_name=tbh", f"--model_base_path={path.parent}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        features = np.load(run.config.features)["test_features"][:2]
+        body = json.dumps({"instances": features.tolist()}).encode()
+        url = f"http://127.0.0.1:{port}/v1/models/tbh:predict"
+        for _ in range(60):
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, body), timeout=5) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("tensorflow_model_server did not answer within 60 s")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    expected = serving.rest_predict(tf.saved_model.load(str(path)), body.decode())
+    for got, want in zip(answer["predictions"], expected["predictions"]):
+        assert got["bits"] == want["bits"] and got["packed"] == want["packed"]
+        np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-6)
