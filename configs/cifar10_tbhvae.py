@@ -7,6 +7,7 @@ def get_config() -> Config:
         name="cifar10_tbhvae",
         binary_bottleneck="betatcvae",
         continuous_bottleneck="geco_vae",
+        binary_threshold="uniform",  # b ~ Bernoulli(sigmoid(l)): a true posterior sample
         bits=32,
         batch_size=400,
         steps=5000,

@@ -61,10 +61,10 @@ class Config:
     geco_calibration_steps: int = 200  # steps of the warm-up that calibrates kappa
     geco_kappa_factor: float = 0.9  # calibrated kappa = factor * warm-up RMSE
     geco_alpha: float = 0.99  # moving-average factor of the constraint
-    geco_rate: float = 0.01  # nu, multiplier step size (per unit of C_ma, feature units^2)
+    geco_rate: float = 1.0  # nu: log(lambda) += nu * C_ma per step (C in feature units^2)
     geco_warmup: int = 200  # steps before lambda updates start (>= calibration steps)
-    geco_log_lambda_init: float = 0.0
-    geco_log_lambda_max: float = 10.0  # clip of log(lambda), both signs
+    geco_log_lambda_init: float = 7.0  # lambda ~ 1100: squared error summed over ~1000 dims
+    geco_log_lambda_max: float = 15.0  # clip of log(lambda), both signs
     # --- optimisation -------------------------------------------------------
     batch_size: int = 400  # global batch (all replicas)
     steps: int = 5000

@@ -173,6 +173,10 @@ def encode_split(encoder_path: str, features_path: str | None, images_path: str 
             raise RetrievalError(f"{features_path}: features have dimension {feature_set.dim} but the encoder "
                                  f"takes {encoder.input_dim}; use the features the model was trained on")
         if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size and rows.max() >= len(features):
+                raise RetrievalError(f"{features_path}: the {split} split has {len(features)} rows, fewer than "
+                                     f"the {rows.max() + 1} asked for (lower --queries)")
             features, labels = features[rows], labels[rows]
         return encoder.encode(features)["bits"], labels
     if not images_path:

@@ -76,7 +76,7 @@ def load_run(model_dir: str | os.PathLike) -> TrainedRun:
     except json.JSONDecodeError as err:
         raise ExportError(f"{path / 'config.json'}: not valid JSON ({err}); {hint}") from None
     except ConfigError as err:
-        raise ExportError(str(err)) from None
+        raise ExportError(f"{err}; {hint}") from None
     try:
         meta = json.loads((path / "data.json").read_text())
         input_dim, dataset_size = int(meta["input_dim"]), int(meta["dataset_size"])
@@ -170,11 +170,13 @@ def _signature_functions(run: TrainedRun, backbone: Backbone | None) -> dict:
         return functions
     size = backbone.input_size
 
-    def image_codes(pixels):
-        return hash_outputs(model, backbone.model(backbone.preprocess(pixels), training=False))
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def image_codes(resized):  # traced once, shared by both image signatures
+        return hash_outputs(model, backbone.model(backbone.preprocess(resized), training=False))
 
     def encode_images(images):
-        return image_codes(tf.ensure_shape(images, [None, None, None, 3], name="images"))
+        images = tf.ensure_shape(images, [None, None, None, 3], name="images")
+        return image_codes(tf.image.resize(tf.cast(images, tf.float32), (size, size), method="bilinear"))
 
     def decode_one(data):
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
@@ -216,10 +218,9 @@ def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, back
     archive.track(run.model)
     if backbone is not None:
         archive.track(backbone.model)
-    default = functions["encode_features" if serving_default == "features" else "encode_images"]
-    archive.add_endpoint("serving_default", default[0], input_signature=default[1])
-    for key, (function, spec) in functions.items():
-        archive.add_endpoint(key, function, input_signature=spec)
+    default = "encode_features" if serving_default == "features" else "encode_images"
+    for key in sorted(functions, key=lambda k: k != default):  # the first endpoint is also serving_default
+        archive.add_endpoint(key, functions[key][0], input_signature=functions[key][1])
 
     root = Path(base) / name
     version = next_version(root)

@@ -245,6 +245,11 @@ class _Clock:
             self.steps_timed += steps
 
 
+# Run bookkeeping kept in every checkpoint (as JSON), so metrics.json covers all sessions of a run.
+EMPTY_TOTALS = {"train_seconds": 0.0, "compute_seconds": 0.0, "steps_timed": 0, "map_history": [],
+                "last_logs": {}}
+
+
 class TrainingMonitor(keras.callbacks.Callback):
     """Logging, periodic evaluation, checkpoints, progress and the stop at `steps`.
 
@@ -253,11 +258,15 @@ class TrainingMonitor(keras.callbacks.Callback):
     """
 
     def __init__(self, config: Config, feature_set: FeatureSet, manager: tf.train.CheckpointManager,
-                 writer, steps_per_execution: int, chief: bool, strategy: tf.distribute.Strategy):
+                 writer, steps_per_execution: int, chief: bool, strategy: tf.distribute.Strategy,
+                 totals_variable: tf.Variable):
         super().__init__()
         self.config = config
         self.features = feature_set
         self.manager = manager
+        self.totals_variable = totals_variable
+        self.earlier = {**EMPTY_TOTALS, **json.loads(totals_variable.numpy().decode() or "{}")}
+        self.session_start = None
         self.writer = writer
         self.steps_per_execution = steps_per_execution
         self.chief = chief
@@ -273,6 +282,19 @@ class TrainingMonitor(keras.callbacks.Callback):
     @property
     def step(self) -> int:
         return int(self.model.actor_optimizer.iterations.numpy())
+
+    def totals(self) -> dict:
+        """Bookkeeping over every session of the run (earlier ones come from the checkpoint)."""
+        earlier = self.earlier
+        session_seconds = time.perf_counter() - self.session_start if self.session_start else 0.0
+        return {"train_seconds": earlier["train_seconds"] + session_seconds,
+                "compute_seconds": earlier["compute_seconds"] + self.clock.compute_seconds,
+                "steps_timed": earlier["steps_timed"] + self.clock.steps_timed,
+                "map_history": earlier["map_history"] + [[s, m] for s, m in self.history],
+                "last_logs": self.last_logs or earlier["last_logs"]}
+
+    def on_train_begin(self, logs=None):
+        self.session_start = time.perf_counter()
 
     def on_train_batch_begin(self, batch, logs=None):
         self.clock.begin()
@@ -318,6 +340,7 @@ class TrainingMonitor(keras.callbacks.Callback):
                 f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} at step {step}; "
                 f"checkpoint not written, the last good one ({self.manager.latest_checkpoint}) was kept. "
                 f"Lower the learning rate or check the input features")
+        self.totals_variable.assign(json.dumps(self.totals()))
         self.manager.save(checkpoint_number=step)
 
     def write_scalars(self, step: int) -> None:
@@ -460,8 +483,10 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
             actor, critic = keras.optimizers.LossScaleOptimizer(actor), keras.optimizers.LossScaleOptimizer(critic)
         model.compile(actor_optimizer=actor, critic_optimizer=critic, optimizer=actor, auto_scale_loss=False)
         model.build_all()
-        checkpoint = tf.train.Checkpoint(model=model, actor_optimizer=actor,
-                                         **({"critic_optimizer": critic} if model.critics else {}))
+    with tf.device("CPU:0"):  # host-side bookkeeping, identical on every worker: not mirrored
+        totals = tf.Variable(json.dumps(EMPTY_TOTALS), dtype=tf.string, trainable=False)
+    checkpoint = tf.train.Checkpoint(model=model, actor_optimizer=actor, run_totals=totals,
+                                     **({"critic_optimizer": critic} if model.critics else {}))
     # Every worker resumes from the chief's checkpoints; a non-chief saves (saving may
     # involve collectives) into a private directory removed at the end.
     latest = None if fresh else tf.train.latest_checkpoint(str(run.checkpoints))
@@ -479,7 +504,7 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
     checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")
     try:
         manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.checkpoints_to_keep)
-        return _fit_and_evaluate(config, run, strategy, model, manager, feature_set, start_step, chief)
+        return _fit_and_evaluate(config, run, strategy, model, manager, totals, feature_set, start_step, chief)
     finally:
         if not chief:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -488,7 +513,7 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
 def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
     try:
         checkpoint.restore(path).assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError) as err:
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError) as err:  # IndexError: truncated file
         detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise TrainingError(f"cannot restore checkpoint {path} ({detail}); it is damaged or belongs to "
                             f"another model: pass --fresh to start over or use another --model_dir") from None
@@ -503,8 +528,8 @@ def _check_same_start(strategy: tf.distribute.Strategy, start_step: int) -> None
 
 
 def _fit_and_evaluate(config: Config, run: RunDirectory, strategy: tf.distribute.Strategy, model,
-                      manager: tf.train.CheckpointManager, feature_set: FeatureSet, start_step: int,
-                      chief: bool) -> dict:
+                      manager: tf.train.CheckpointManager, totals: tf.Variable, feature_set: FeatureSet,
+                      start_step: int, chief: bool) -> dict:
     """Runs the remaining steps, then the final evaluation; writes metrics.json on the chief."""
     replicas = strategy.num_replicas_in_sync
     actor = model.actor_optimizer
@@ -518,28 +543,26 @@ def _fit_and_evaluate(config: Config, run: RunDirectory, strategy: tf.distribute
         _report_metrics_as_vectors(model)
     model.compile(actor_optimizer=actor, critic_optimizer=model.critic_optimizer, optimizer=actor,
                   jit_compile=use_xla(config, strategy), auto_scale_loss=False, steps_per_execution=spe)
-    monitor = TrainingMonitor(config, feature_set, manager, writer, spe, chief, strategy)
+    monitor = TrainingMonitor(config, feature_set, manager, writer, spe, chief, strategy, totals)
 
-    started = time.perf_counter()
     if start_step < config.steps:
         dataset = train_dataset(feature_set.train_features, config.batch_size, config.seed, start_step)
         with _stop_on_sigterm(monitor):
             model.fit(dataset, epochs=1, steps_per_epoch=config.steps - start_step, verbose=0, shuffle=False,
                       callbacks=[monitor])
-    train_seconds = time.perf_counter() - started
     if monitor.stopped_by_signal:
         raise TrainingError(f"stopped by SIGTERM at step {monitor.step}; checkpoint saved in "
-                            f"{manager.directory}, rerun the same command to resume")
+                            f"{run.checkpoints}, rerun the same command to resume")
 
     metrics = final_evaluation(model, feature_set, config, writer, int(actor.iterations.numpy()))
-    previous = _read_json(run.metrics_path)
+    so_far = monitor.totals()
     metrics.update(
-        train_seconds=train_seconds + previous.get("train_seconds", 0.0) if start_step else train_seconds,
-        examples_per_second=(monitor.clock.steps_timed * config.batch_size / monitor.clock.compute_seconds
-                             if monitor.clock.compute_seconds else previous.get("examples_per_second", 0.0)),
+        train_seconds=so_far["train_seconds"],
+        examples_per_second=(so_far["steps_timed"] * config.batch_size / so_far["compute_seconds"]
+                             if so_far["compute_seconds"] else 0.0),
         replicas=replicas,
-        map_history=[[s, m] for s, m in monitor.history],
-        final_train_terms=monitor.last_logs or previous.get("final_train_terms", {}),
+        map_history=so_far["map_history"],
+        final_train_terms=so_far["last_logs"],
     )
     if model.geco is not None:
         metrics["geco_lambda"] = float(model.geco.multiplier.numpy())
@@ -593,10 +616,3 @@ def _write_hparams(writer, config: Config) -> None:
     values = {k: v for k, v in json.loads(config.to_json()).items() if isinstance(v, (bool, int, float, str))}
     with writer.as_default():
         hp.hparams(values, trial_id=config.name)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}

@@ -42,10 +42,10 @@ def test_geco_waits_for_warmup_and_calibrates_kappa():
     mses = [0.4, 0.3, 0.2, 0.1, 0.1, 0.1]
     for step, mse in enumerate(mses):
         geco.update(step, tf.constant(mse))
-        assert float(geco.log_lambda.numpy()) == pytest.approx(0.0)  # no update during warm-up
+        assert float(geco.log_lambda.numpy()) == pytest.approx(config.geco_log_lambda_init)  # warm-up
     assert float(geco.kappa_squared.numpy()) == pytest.approx(0.25 * np.mean(mses[:4]))
     geco.update(6, tf.constant(1.0))
-    assert float(geco.log_lambda.numpy()) > 0.0
+    assert float(geco.log_lambda.numpy()) > config.geco_log_lambda_init
 
 
 def test_no_gradient_flows_into_the_multiplier():

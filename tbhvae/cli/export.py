@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import flags
+from absl import flags, logging
 
 from tbhvae.cli import fail, run_main
 
@@ -67,6 +67,8 @@ def main(argv):
             fail(f"--{key} must be >= 1, got {getattr(FLAGS, key)}")
     if FLAGS.parity_examples < 0:
         fail(f"--parity_examples must be >= 0 (0 = all), got {FLAGS.parity_examples}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # TensorFlow's saver chatter; --verbosity=0 shows it
     from tbhvae import serving  # after flag parsing: --help stays fast
 
     try:

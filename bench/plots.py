@@ -1,0 +1,81 @@
+"""Benchmark figures (matplotlib, Agg backend): retrieval curves and index scaling.
+
+Every function writes one PNG and returns its path; none needs a display.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DPI = 120
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _line_style(method: str, deep_methods: tuple[str, ...]) -> dict:
+    """Solid lines with markers for the deep methods, dashed for the classic baselines."""
+    return {"linestyle": "-", "marker": "o", "markersize": 3} if method in deep_methods \
+        else {"linestyle": "--", "marker": None}
+
+
+def plot_pr_curves(curves: dict, bits: int, path: str | Path, deep_methods: tuple[str, ...] = ()) -> Path:
+    """Precision vs recall of retrieving everything within Hamming radius r = 0..M.
+
+    curves: {method: {"precision": [M + 1], "recall": [M + 1]}}.
+    """
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    for method, curve in curves.items():
+        axis.plot(curve["recall"], curve["precision"], label=method, **_line_style(method, deep_methods))
+    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1),
+             title=f"Precision-recall by Hamming radius, {bits} bits")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+def plot_precision_at_n(curves: dict, bits: int, path: str | Path, deep_methods: tuple[str, ...] = ()) -> Path:
+    """Precision of the top N of the Hamming ranking against N (log axis).
+
+    curves: {method: {N: precision}} (N as int or str).
+    """
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    for method, at_n in curves.items():
+        points = sorted((int(n), p) for n, p in at_n.items())
+        axis.plot([n for n, _ in points], [p for _, p in points], label=method,
+                  **_line_style(method, deep_methods))
+    axis.set(xlabel="N (retrieved items)", ylabel="precision@N", xscale="log", ylim=(0, 1),
+             title=f"Precision of the top N, {bits} bits")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+def plot_index_scaling(rows: list[dict], path: str | Path) -> Path:
+    """Query-batch time (best of repeats, s) against database size, per backend.
+
+    rows: dicts from bench/index_speed.py's bench_size ("n", "numpy_best_s", and
+    "ours_faiss_best_s" / "faiss_raw_best_s" when faiss ran).
+    """
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    sizes = [row["n"] for row in rows]
+    for key, label in (("numpy_best_s", "HammingIndex numpy"), ("ours_faiss_best_s", "HammingIndex faiss"),
+                       ("faiss_raw_best_s", "faiss IndexBinaryFlat")):
+        if all(key in row for row in rows):
+            axis.plot(sizes, [row[key] for row in rows], marker="o", label=label)
+    first = rows[0]
+    axis.set(xlabel="database size (codes)", ylabel="seconds per query batch", xscale="log", yscale="log",
+             title=f"Exact top-{first['k']} search, {first['queries']} queries, {first['bits']} bits")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8)
+    return _save(fig, path)

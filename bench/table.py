@@ -1,0 +1,352 @@
+"""Benchmark: the comparison table, every method x code length on one feature file.
+
+Methods: the classic baselines of `tbhvae.baselines` (lsh, pcah, itq, sh,
+spherh, agh) and the deep models of `configs/` (tbh, tbhvae and the two mixed
+ablations tbh_betatcvae, tbh_geco), each trained for `--budget` steps per seed.
+Database = the train split, queries = the test split ("q10k": all test rows,
+"q1k": the first 100 of each class). Per method and code length it reports
+mAP@1000, mAP over the whole ranking, precision within Hamming radius 2 and the
+training (fit) time and the bit balance of the database codes, as the mean
+and sample standard deviation over seeds. Deep methods run every --seeds seed;
+baselines run the --baseline_seeds (default: the first seed; pcah and sh are
+deterministic and always run once). PR-by-radius and precision@N curves of
+every method at 32 bits (else the middle code length) go to two PNGs.
+
+Collapsed codes (bit balance near 0) get an inflated mAP@1000: most of the
+database ties at distance 0, ties are broken by database index, and the CIFAR-10
+database is sorted by class, so a query of the first class finds only its own
+class in the top 1000 while queries with no relevant item there are left out
+of the mean. The progress lines flag such runs; compare mAP and P@r2 too.
+
+Finished deep runs are reused: each lives in <workdir>/<method>_<bits>_s<seed>
+and is kept when its config.json and metrics.json match the requested run, so
+an interrupted table resumes where it stopped.
+
+  python bench/table.py --json table.json                  # full table (~1 h on 2 cores)
+  python bench/table.py --quick --json table_quick.json    # smoke run (minutes)
+
+Writes OUT.json = {method: {bits: {"map@1000", "map@1000_std", "map", "map_std",
+"precision@r2", "precision@r2_std", "train_seconds", "bit_balance", "seeds",
+"seed_ids", "pr_curve", "precision_at_n", ...}}},
+OUT_settings.json (flags, machine, versions, wall time) and the PNGs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tbhvae.baselines import BASELINES, QUERY_SETS, select_queries  # noqa: E402
+from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
+from tbhvae.evaluation import evaluate_codes  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_FEATURES = REPO_ROOT.parent / "shared" / "data" / "cifar10_effnetlite0.npz"
+DEFAULT_WORKDIR = Path("~/.cache/tbhvae/bench_table")
+DEFAULT_BUDGET = 1500  # training steps per deep run (batch 400)
+QUICK_BUDGET = 300
+DEEP_CONFIGS = {
+    "tbh": "cifar10_tbh.py",
+    "tbhvae": "cifar10_tbhvae.py",
+    "tbh_betatcvae": "cifar10_tbh_betatcvae.py",
+    "tbh_geco": "cifar10_tbh_geco.py",
+}
+METHODS = (*BASELINES, *DEEP_CONFIGS)
+SEED_FREE_BASELINES = ("pcah", "sh")  # their fit ignores the seed
+# Config keys the table sets itself; --set may not change them.
+TABLE_KEYS = ("bits", "steps", "seed", "eval_every", "checkpoint_every", "final_eval_queries", "features")
+SCALARS = ("map@1000", "map", "precision@r2", "train_seconds", "bit_balance")
+COLLAPSED_BALANCE = 0.2  # bit balance under which the progress line warns
+
+
+class BenchError(ValueError):
+    """Bad flags or inputs; the message names the flag and the fix."""
+
+
+# ------------------------------------------------------------------ flags
+def _int_list(text: str, flag: str, minimum: int) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        raise BenchError(f"{flag}: expected comma-separated integers >= {minimum}, got {text!r}")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--features", default=str(DEFAULT_FEATURES), help="feature .npz (default: %(default)s)")
+    parser.add_argument("--bits", default="16,32,64", help="comma-separated code lengths")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds of the deep methods (default 0,1; --quick: 0)")
+    parser.add_argument("--baseline_seeds", default=None,
+                        help="comma-separated seeds of the baselines (default: the first of --seeds)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help=f"training steps per deep run (default {DEFAULT_BUDGET}; --quick: {QUICK_BUDGET})")
+    parser.add_argument("--queries", choices=QUERY_SETS, default=None,
+                        help="q10k: all test rows; q1k: first 100 per class (default q10k; --quick: q1k)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: q1k queries, short budget, seed 0")
+    parser.add_argument("--json", default="bench_table.json", help="output JSON (default: %(default)s)")
+    parser.add_argument("--plots", default=None, help="directory for the PNGs (default: next to --json)")
+    parser.add_argument("--workdir", default=None,
+                        help=f"deep run directories (default: {DEFAULT_WORKDIR}/<features>-<queries>-<budget>steps)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every deep method (repeatable), e.g. input_scaling=standardize")
+    args = parser.parse_args(argv)
+
+    args.bits = _int_list(args.bits, "--bits", 1)
+    args.seeds = _int_list(args.seeds or ("0" if args.quick else "0,1"), "--seeds", 0)
+    args.baseline_seeds = (_int_list(args.baseline_seeds, "--baseline_seeds", 0) if args.baseline_seeds
+                           else args.seeds[:1])
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown or not args.methods:
+        raise BenchError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(METHODS)}")
+    if args.budget is None:
+        args.budget = QUICK_BUDGET if args.quick else DEFAULT_BUDGET
+    if args.budget <= 0:
+        raise BenchError(f"--budget: must be a positive number of steps, got {args.budget}")
+    args.queries = args.queries or ("q1k" if args.quick else "q10k")
+    for item in args.set:
+        key = item.partition("=")[0].strip()
+        if key in TABLE_KEYS:
+            raise BenchError(f"--set {item}: '{key}' is set by the table; use the matching flag "
+                             f"(--bits, --budget, --seeds, --queries, --features) instead")
+    return args
+
+
+def default_workdir(features: Path, queries: str, budget: int, overrides: list[str]) -> Path:
+    name = f"{features.stem}-{queries}-{budget}steps"
+    if overrides:
+        name += "-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+    return DEFAULT_WORKDIR.expanduser() / name
+
+
+# ------------------------------------------------------------------ single runs
+def _jsonable(metrics: dict) -> dict:
+    """The metrics as they read back from JSON (e.g. precision_at_n keys become strings)."""
+    return json.loads(json.dumps(metrics))
+
+
+def run_baseline(feature_set: FeatureSet, method: str, bits: int, seed: int, query_rows: np.ndarray) -> dict:
+    """Fits one baseline on the train split; q/db metrics with curves plus "train_seconds" (fit)."""
+    model = BASELINES[method](bits, seed=seed)
+    started = time.perf_counter()
+    model.fit(feature_set.train_features)
+    fit_seconds = time.perf_counter() - started
+    db_codes = model.encode(feature_set.train_features)
+    metrics = evaluate_codes(model.encode(feature_set.test_features[query_rows]), db_codes,
+                             feature_set.test_labels[query_rows], feature_set.train_labels, curves=True)
+    metrics["train_seconds"] = fit_seconds
+    metrics["bit_balance"] = bit_balance(db_codes)
+    return _jsonable(metrics)
+
+
+def bit_balance(codes: np.ndarray) -> float:
+    """1 - 2 * mean_k |P(bit k = 1) - 0.5| over 0/1 codes [n, M]: 1 = every bit half on, 0 = constant bits."""
+    return 1.0 - 2.0 * float(np.abs(codes.mean(axis=0) - 0.5).mean())
+
+
+def deep_config(method: str, bits: int, seed: int, budget: int, queries: str, features: Path,
+                overrides: list[str]):
+    """The Config of one deep run: configs/<method>, then --set overrides, then the table's keys."""
+    from tbhvae.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config(REPO_ROOT / "configs" / DEEP_CONFIGS[method]), overrides)
+    return config.replace(bits=bits, steps=budget, seed=seed, eval_every=0, checkpoint_every=budget,
+                          features=str(features),
+                          final_eval_queries="all" if queries == "q10k" else "per_class_100")
+
+
+@contextlib.contextmanager
+def quiet_keras():
+    """Sends Keras progress bars to absl logging (hidden) instead of stdout within the block."""
+    import keras
+
+    enabled = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if enabled:
+            keras.config.enable_interactive_logging()
+
+
+def run_deep(config, run_dir: Path, feature_set: FeatureSet) -> tuple[dict, bool]:
+    """Trains one deep run, or reuses its finished metrics. Returns (metrics, reused).
+
+    A run directory holding another config is started afresh; one holding the
+    same config without metrics (interrupted) resumes from its checkpoint.
+    """
+    import keras
+    import tensorflow as tf
+
+    from tbhvae import training
+
+    run = training.RunDirectory(run_dir)
+    saved = run.saved_config()
+    if saved == config and run.metrics_path.is_file():
+        metrics = json.loads(run.metrics_path.read_text())
+        if metrics.get("steps") == config.steps:
+            return metrics, True
+    with quiet_keras():
+        metrics = training.train(config, run_dir, strategy=tf.distribute.get_strategy(),
+                                 fresh=saved is not None and saved != config, feature_set=feature_set)
+    keras.backend.clear_session()  # drop the finished model's graphs before the next run
+    gc.collect()
+    return _jsonable(metrics), False
+
+
+# ------------------------------------------------------------------ aggregation
+def summarise(per_seed: list[dict], seed_ids: list[int]) -> dict:
+    """Mean and sample std (0 for one seed) of each scalar, per-seed mAP@1000 and mean curves."""
+    summary = {}
+    for key in SCALARS:
+        values = np.array([m[key] for m in per_seed], dtype=np.float64)
+        summary[key] = float(values.mean())
+        summary[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    summary["seeds"] = [float(m["map@1000"]) for m in per_seed]
+    summary["seed_ids"] = list(seed_ids)
+    if all("examples_per_second" in m for m in per_seed):
+        summary["examples_per_second"] = float(np.mean([m["examples_per_second"] for m in per_seed]))
+    summary["pr_curve"] = {
+        "radius": per_seed[0]["pr_curve"]["radius"],
+        "precision": np.mean([m["pr_curve"]["precision"] for m in per_seed], axis=0).tolist(),
+        "recall": np.mean([m["pr_curve"]["recall"] for m in per_seed], axis=0).tolist(),
+    }
+    summary["precision_at_n"] = {n: float(np.mean([m["precision_at_n"][n] for m in per_seed]))
+                                 for n in per_seed[0]["precision_at_n"]}
+    return summary
+
+
+def markdown_tables(results: dict) -> str:
+    """One method x bits table per scalar metric: mean ± std over seeds."""
+    bits_list = sorted({int(b) for per_bits in results.values() for b in per_bits})
+    blocks = []
+    for key, digits in (("map@1000", 3), ("map", 3), ("precision@r2", 3), ("train_seconds", 1),
+                        ("bit_balance", 2)):
+        lines = [f"| {key} | " + " | ".join(f"{b} bits" for b in bits_list) + " |",
+                 "| --- |" + " --- |" * len(bits_list)]
+        for method, per_bits in results.items():
+            cells = []
+            for b in bits_list:
+                entry = per_bits.get(str(b))
+                cells.append("" if entry is None else
+                             f"{entry[key]:.{digits}f} ± {entry[key + '_std']:.{digits}f}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def write_plots(results: dict, bits_list: list[int], directory: Path, prefix: str) -> list[Path]:
+    """PR-by-radius and precision@N PNGs of every method at 32 bits (else the middle length)."""
+    from plots import plot_pr_curves, plot_precision_at_n  # bench/plots.py (the script's directory)
+
+    bits = 32 if 32 in bits_list else sorted(bits_list)[len(bits_list) // 2]
+    at_bits = {m: per_bits[str(bits)] for m, per_bits in results.items() if str(bits) in per_bits}
+    deep = tuple(DEEP_CONFIGS)
+    return [
+        plot_pr_curves({m: r["pr_curve"] for m, r in at_bits.items()}, bits,
+                       directory / f"{prefix}_pr_curves_{bits}bits.png", deep),
+        plot_precision_at_n({m: r["precision_at_n"] for m, r in at_bits.items()}, bits,
+                            directory / f"{prefix}_precision_at_n_{bits}bits.png", deep),
+    ]
+
+
+# ------------------------------------------------------------------ main
+def machine_description() -> dict:
+    """CPU model and count, Python / numpy / TensorFlow versions, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    if "tensorflow" in sys.modules:
+        versions["tensorflow"] = sys.modules["tensorflow"].__version__
+    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
+            "load_average": list(os.getloadavg()), **versions}
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_table(args: argparse.Namespace, feature_set: FeatureSet, features: Path, workdir: Path) -> dict:
+    """Runs (or reuses) every method x bits x seed; returns {method: {str(bits): summary}}."""
+    query_rows = select_queries(feature_set.test_labels, args.queries)
+    seeds_of = {m: (args.seeds if m in DEEP_CONFIGS else
+                    args.baseline_seeds[:1] if m in SEED_FREE_BASELINES else args.baseline_seeds)
+                for m in args.methods}
+    jobs = [(m, b, s) for m in args.methods for b in args.bits for s in seeds_of[m]]
+    per_seed: dict[tuple[str, int], list[dict]] = {}
+    for number, (method, bits, seed) in enumerate(jobs, 1):
+        started = time.perf_counter()
+        if method in BASELINES:
+            metrics, how = run_baseline(feature_set, method, bits, seed, query_rows), "fit"
+        else:
+            config = deep_config(method, bits, seed, args.budget, args.queries, features, args.set)
+            metrics, reused = run_deep(config, workdir / f"{method}_{bits}_s{seed}", feature_set)
+            how = "reused" if reused else f"trained {args.budget} steps"
+        per_seed.setdefault((method, bits), []).append(metrics)
+        warning = (f" WARNING: collapsed codes (bit balance {metrics['bit_balance']:.2f}), mAP@1000 is inflated "
+                   f"by the tie order" if metrics["bit_balance"] < COLLAPSED_BALANCE else "")
+        _progress(f"[{number}/{len(jobs)}] {method} {bits} bits seed {seed}: mAP@1000 {metrics['map@1000']:.4f}, "
+                  f"mAP {metrics['map']:.4f}, P@r2 {metrics['precision@r2']:.4f} ({how}, "
+                  f"train {metrics['train_seconds']:.1f} s, wall {time.perf_counter() - started:.1f} s){warning}")
+    return {m: {str(b): summarise(per_seed[(m, b)], seeds_of[m]) for b in args.bits} for m in args.methods}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    errors = (BenchError, DataError, ValueError)  # ConfigError is a ValueError too
+    try:
+        args = parse_args(argv)
+        if any(m in DEEP_CONFIGS for m in args.methods):
+            from tbhvae.training import TrainingError
+            errors += (TrainingError,)
+        features = Path(args.features).resolve()
+        feature_set = load_features(features)
+        workdir = Path(args.workdir) if args.workdir else default_workdir(features, args.queries, args.budget,
+                                                                          args.set)
+        _progress(f"{len(args.methods)} methods x bits {args.bits} x seeds {args.seeds} on {features} "
+                  f"({args.queries}), deep budget {args.budget} steps, run directories in {workdir}")
+        results = build_table(args, feature_set, features, workdir)
+    except errors as err:
+        raise SystemExit(f"bench/table.py: {err}") from None
+
+    print(markdown_tables(results))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    settings = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                "features": str(features), "bits": args.bits, "methods": args.methods, "seeds": args.seeds,
+                "baseline_seeds": args.baseline_seeds,
+                "budget": args.budget, "queries": args.queries, "overrides": args.set, "workdir": str(workdir),
+                "wall_seconds": time.perf_counter() - started, "machine": machine_description()}
+    settings_path = out.with_name(out.stem + "_settings.json")
+    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    pngs = write_plots(results, args.bits, Path(args.plots) if args.plots else out.parent, out.stem)
+    _progress(f"wrote {out}, {settings_path}, {', '.join(map(str, pngs))} "
+              f"({time.perf_counter() - started:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Smoke test of bench/table.py's --quick path on a tiny synthetic feature file."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tbhvae.data import FeatureSet, save_features
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+TINY_DEEP = ["--set", "hidden_dim=32", "--set", "continuous_dim=16", "--set", "batch_size=64",
+             "--set", "steps_per_execution=5", "--set", "log_every=5", "--set", "jit_compile=false"]
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """bench/table.py imported as a module (bench/ on sys.path, as when run as a script)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import table as module
+        yield module
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def clustered_features(path: Path) -> Path:
+    """4 well-separated classes, 24-d non-negative features: 400 train, 80 test rows."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, size=(4, 24))
+    train_labels, test_labels = np.repeat(np.arange(4), 100), np.repeat(np.arange(4), 20)
+    train = np.maximum(centres[train_labels] + rng.normal(size=(400, 24)), 0)
+    test = np.maximum(centres[test_labels] + rng.normal(size=(80, 24)), 0)
+    return save_features(path, FeatureSet(train, train_labels, test, test_labels))
+
+
+def test_quick_table_writes_schema_plots_and_resumes(tmp_path, table):
+    features = clustered_features(tmp_path / "tiny.npz")
+    out = tmp_path / "out" / "table.json"
+    argv = ["--quick", "--features", str(features), "--json", str(out), "--bits", "16",
+            "--methods", "lsh,pcah,itq,tbh,tbhvae", "--seeds", "0,1", "--baseline_seeds", "0,1", "--budget", "10",
+            "--workdir", str(tmp_path / "runs"), *TINY_DEEP]
+    table.main(argv)
+    results = json.loads(out.read_text())
+
+    assert list(results) == ["lsh", "pcah", "itq", "tbh", "tbhvae"]
+    for method, per_bits in results.items():
+        assert list(per_bits) == ["16"]
+        for bits, entry in per_bits.items():
+            for key in ("map@1000", "map", "precision@r2", "bit_balance"):
+                assert 0.0 <= entry[key] <= 1.0 and entry[f"{key}_std"] >= 0.0, (method, bits, key)
+            assert entry["train_seconds"] > 0.0
+            expected_seeds = 1 if method == "pcah" else 2
+            assert len(entry["seeds"]) == expected_seeds == len(entry["seed_ids"])
+            assert entry["map@1000"] == pytest.approx(np.mean(entry["seeds"]))
+            assert len(entry["pr_curve"]["precision"]) == int(bits) + 1
+    # Random codes score ~0.25 on 4 balanced classes; ITQ must separate the clusters.
+    assert results["itq"]["16"]["map@1000"] > 0.6
+    assert results["lsh"]["16"]["map@1000_std"] > 0.0  # different projections per seed
+    assert results["tbh"]["16"]["examples_per_second"] > 0.0
+    # q1k on this file = every test row; each deep run wrote its metrics in its own directory.
+    run = json.loads((tmp_path / "runs" / "tbhvae_16_s1" / "metrics.json").read_text())
+    assert run["steps"] == 10 and run["queries"] == 80 and run["bits"] == 16
+    for png in ("table_pr_curves_16bits.png", "table_precision_at_n_16bits.png"):
+        assert (out.parent / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    settings = json.loads((out.parent / "table_settings.json").read_text())
+    assert settings["budget"] == 10 and settings["queries"] == "q1k"
+
+    # A second call reuses every finished deep run instead of training again.
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/metrics.json")}
+    again = table.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/metrics.json")} == before
+    assert again["tbh"]["16"]["seeds"] == results["tbh"]["16"]["seeds"]
+
+
+def test_bad_flags_fail_with_one_line(tmp_path, table):
+    features = clustered_features(tmp_path / "tiny.npz")
+    with pytest.raises(SystemExit, match="--methods: unknown vgg"):
+        table.main(["--features", str(features), "--methods", "itq,vgg"])
+    with pytest.raises(SystemExit, match="--set bits=8: 'bits' is set by the table"):
+        table.main(["--features", str(features), "--set", "bits=8"])
+    with pytest.raises(SystemExit, match="feature file not found"):
+        table.main(["--features", str(tmp_path / "missing.npz"), "--methods", "itq"])
