@@ -54,8 +54,8 @@ from tbhvae.evaluation import evaluate_codes  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEATURES = REPO_ROOT.parent / "shared" / "data" / "cifar10_effnetlite0.npz"
 DEFAULT_WORKDIR = Path("~/.cache/tbhvae/bench_table")
-DEFAULT_BUDGET = 1500  # training steps per deep run (batch 400)
-QUICK_BUDGET = 300
+DEFAULT_BUDGET = 1000  # training steps per deep run (batch 400); TBH on these features peaks near 1k steps
+QUICK_BUDGET = 200
 DEEP_CONFIGS = {
     "tbh": "cifar10_tbh.py",
     "tbhvae": "cifar10_tbhvae.py",

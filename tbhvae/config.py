@@ -8,6 +8,7 @@ key. The resolved config is written to each run directory as JSON.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import os
@@ -83,6 +84,10 @@ class Config:
     final_eval_queries: str = "all"  # "all" test queries (q10k) | "per_class_100" (q1k)
 
     def validate(self) -> "Config":
+        for key, kind in _FIELD_TYPES.items():
+            value = getattr(self, key)
+            if not _has_type(value, kind):
+                raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
         _choice(self, "binary_bottleneck", BINARY_BOTTLENECKS)
         _choice(self, "continuous_bottleneck", CONTINUOUS_BOTTLENECKS)
         _choice(self, "binary_threshold", ("fixed", "uniform"))
@@ -132,6 +137,15 @@ def _choice(config: Config, key: str, options: tuple[str, ...]) -> None:
 _FIELD_TYPES = typing.get_type_hints(Config)
 
 
+def _has_type(value, kind) -> bool:
+    """isinstance, with ints accepted as floats and bools refused as numbers."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
 def _parse_value(key: str, text: str):
     kind = _FIELD_TYPES[key]
     if kind is bool:
@@ -156,7 +170,7 @@ def apply_overrides(config: Config, overrides: typing.Iterable[str]) -> Config:
         if not sep:
             raise ConfigError(f"override '{item}': expected key=value")
         if key not in _FIELD_TYPES:
-            close = [k for k in _FIELD_TYPES if k.startswith(key[:4])]
+            close = difflib.get_close_matches(key, list(_FIELD_TYPES), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"override '{item}': unknown config key '{key}'{hint}")
         changes[key] = _parse_value(key, value)
@@ -170,10 +184,7 @@ def from_dict(values: dict, where: str) -> Config:
         raise ConfigError(f"{where}: unknown config key(s) {', '.join(unknown)}")
     for key, value in values.items():
         kind = _FIELD_TYPES[key]
-        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
+        if not _has_type(value, kind):
             raise ConfigError(f"{where}: config key '{key}' must be {kind.__name__}, "
                               f"got {type(value).__name__} {value!r}")
     return Config(**{k: _FIELD_TYPES[k](v) for k, v in values.items()}).validate()
@@ -198,7 +209,12 @@ def load_config(path: str | os.PathLike) -> Config:
         raise ConfigError(f"{path}: {err}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: a config file must define get_config() -> tbhvae.config.Config")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except (TypeError, ValueError) as err:  # e.g. Config(unknown_key=...) or a bad value
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{path}: {err}") from None
     if not isinstance(config, Config):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not Config")
     return config.validate()

@@ -2,7 +2,8 @@
 
 A run directory holds:
   config.json     the resolved config (written before training starts)
-  checkpoints/    model + optimiser + GECO state (tf.train.CheckpointManager)
+  checkpoints/    tf.train.CheckpointManager: model, optimisers, GECO state and the
+                  run's totals (training time, mAP history, last loss terms)
   logs/           TensorBoard event files (scalars, histograms, images, hparams)
   metrics.json    final q10k evaluation
 Rerunning with the same directory resumes from the latest checkpoint.
@@ -461,10 +462,12 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
         raise ConfigError(f"batch_size {config.batch_size} is not divisible by the {replicas} replicas; "
                           f"use a multiple of {replicas}")
     run = RunDirectory(model_dir)
+    if run.path.exists() and not run.path.is_dir():
+        raise ConfigError(f"--model_dir {run.path} is a file; pass a directory (new or holding a run)")
     feature_set = feature_set or resolve_features(config)
     if config.batch_size > len(feature_set.train_features):
         raise DataError(f"batch_size {config.batch_size} exceeds the {len(feature_set.train_features)} "
-                        f"training examples; lower batch_size")
+                        f"training examples; use --set batch_size={len(feature_set.train_features)} or less")
     chief = is_chief()
     if not fresh:
         run.check_compatible(config, feature_set.dim)

@@ -118,7 +118,8 @@ def test_two_workers_stop_together_resume_and_end_with_identical_weights(tmp_pat
     assert codes == [2, 2], [stderr_of(tmp_path, "first", i)[-2000:] for i in range(2)]
     stops = [re.search(r"error: stopped by SIGTERM at step (\d+); checkpoint saved in (\S+),",
                        stderr_of(tmp_path, "first", i)) for i in range(2)]
-    assert all(stops) and stops[0].groups() == stops[1].groups() == (stops[0].group(1), str(model_dir / "checkpoints"))
+    assert all(stops) and stops[0].groups() == stops[1].groups()
+    assert stops[0].group(2) == str(model_dir / "checkpoints")
     stopped_at = int(stops[0].group(1))
     assert 0 < stopped_at < STEPS
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith(f"ckpt-{stopped_at}")
@@ -155,6 +156,7 @@ def restore_final_checkpoint(model_dir):
     actor = keras.optimizers.Adam(config.learning_rate)
     model.compile(actor_optimizer=actor, critic_optimizer=None, optimizer=actor)
     model.build_all()
-    tf.train.Checkpoint(model=model, actor_optimizer=actor).restore(
-        tf.train.latest_checkpoint(str(model_dir / "checkpoints"))).assert_consumed()
+    latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
+    status = tf.train.Checkpoint(model=model, actor_optimizer=actor).restore(latest).expect_partial()
+    status.assert_existing_objects_matched()  # run_totals is the only part left out
     return model
