@@ -49,7 +49,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tbhvae.baselines import BASELINES, QUERY_SETS, select_queries  # noqa: E402
 from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
-from tbhvae.evaluation import evaluate_codes  # noqa: E402
+from tbhvae.evaluation import code_statistics, evaluate_codes  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEATURES = REPO_ROOT.parent / "shared" / "data" / "cifar10_effnetlite0.npz"
@@ -151,13 +151,8 @@ def run_baseline(feature_set: FeatureSet, method: str, bits: int, seed: int, que
     metrics = evaluate_codes(model.encode(feature_set.test_features[query_rows]), db_codes,
                              feature_set.test_labels[query_rows], feature_set.train_labels, curves=True)
     metrics["train_seconds"] = fit_seconds
-    metrics["bit_balance"] = bit_balance(db_codes)
+    metrics.update(code_statistics(db_codes))
     return _jsonable(metrics)
-
-
-def bit_balance(codes: np.ndarray) -> float:
-    """1 - 2 * mean_k |P(bit k = 1) - 0.5| over 0/1 codes [n, M]: 1 = every bit half on, 0 = constant bits."""
-    return 1.0 - 2.0 * float(np.abs(codes.mean(axis=0) - 0.5).mean())
 
 
 def deep_config(method: str, bits: int, seed: int, budget: int, queries: str, features: Path,

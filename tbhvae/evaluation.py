@@ -141,6 +141,18 @@ class _Evaluator:
         return totals
 
 
+def code_statistics(codes) -> dict:
+    """Health of a code set, 0/1 uint8 [n, M] -> {"bit_balance", "distinct_codes"}.
+
+    bit_balance = 1 - 2 * mean_k |P(b_k = 1) - 1/2|: 1 when every bit splits the
+    set in half, 0 when every bit is constant. Collapsed codes (few distinct
+    codes) inflate mAP@K under index tie-breaking, so both belong next to it.
+    """
+    codes = check_bits(codes)
+    return {"bit_balance": 1.0 - 2.0 * float(np.abs(codes.mean(axis=0) - 0.5).mean()),
+            "distinct_codes": int(len(np.unique(pack_codes(codes), axis=0)))}
+
+
 def _mean(total: float, count: int) -> float:
     return float(total / count) if count else 0.0
 

@@ -371,7 +371,9 @@ class TrainingMonitor(keras.callbacks.Callback):
         with self.writer.as_default():
             tf.summary.scalar("eval/map@1000", score, step=step)
             tf.summary.histogram("bits/mean_activation", bit_means, step=step)
-            tf.summary.scalar("bits/balance", 1.0 - 2.0 * float(np.abs(bit_means - 0.5).mean()), step=step)
+            statistics = evaluation.code_statistics(db_codes)
+            tf.summary.scalar("bits/balance", statistics["bit_balance"], step=step)
+            tf.summary.scalar("bits/distinct_codes", statistics["distinct_codes"], step=step)
         return score
 
     def on_train_end(self, logs=None):
@@ -603,7 +605,7 @@ def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, ste
     metrics = evaluation.evaluate_codes(query_codes, db_codes, feature_set.test_labels[queries],
                                         feature_set.train_labels, top_k=1000, curves=True)
     metrics.update(bits=config.bits, steps=step, queries=len(queries), database=len(db_codes),
-                   model=config.name, bit_balance=1.0 - 2.0 * float(np.abs(db_codes.mean(0) - 0.5).mean()))
+                   model=config.name, **evaluation.code_statistics(db_codes))
     with writer.as_default():
         for key in ("map@1000", "map", "precision@r2"):
             tf.summary.scalar(f"final/{key}", metrics[key], step=step)

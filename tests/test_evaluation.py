@@ -94,3 +94,11 @@ def test_pack_round_trip_and_bad_inputs():
         mean_average_precision(codes[:, :8], codes, np.zeros(5), np.zeros(5))
     with pytest.raises(ValueError, match="query_labels"):
         mean_average_precision(codes, codes, np.zeros(4), np.zeros(5))
+
+
+def test_code_statistics_flags_collapse():
+    from tbhvae.evaluation import code_statistics
+    balanced = np.array([[0, 1], [1, 0], [1, 1], [0, 0]], np.uint8)
+    assert code_statistics(balanced) == {"bit_balance": 1.0, "distinct_codes": 4}
+    collapsed = np.ones((5, 3), np.uint8)
+    assert code_statistics(collapsed) == {"bit_balance": 0.0, "distinct_codes": 1}
