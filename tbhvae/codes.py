@@ -39,6 +39,11 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=bits)
 
 
+# Database codes per XOR/popcount block: 32768 uint64 words (256 KiB) stay in
+# the L2 cache while every query row is compared against them.
+_DB_BLOCK = 32768
+
+
 def to_words(packed: np.ndarray) -> np.ndarray:
     """Views packed codes as uint64 words [n, ceil(bytes / 8)], zero-padded.
 
@@ -52,15 +57,31 @@ def to_words(packed: np.ndarray) -> np.ndarray:
     return padded.view(np.uint64)
 
 
-def hamming_distances(query_words: np.ndarray, db_words: np.ndarray) -> np.ndarray:
+def hamming_distances(query_words: np.ndarray, db_words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Hamming distances between word-packed codes: [q, W] x [n, W] -> [q, n].
 
     The result is uint8 up to 192 bits (3 words) and uint16 beyond, so that
-    numpy's stable sort of it is a radix sort. Memory is O(q * n); callers
-    chunk the queries.
+    numpy's stable sort of it is a radix sort; `out` (any unsigned [q, n]
+    array wide enough for W * 64) is filled instead when given. The database
+    is walked in cache-sized blocks of columns, each compared with one query
+    row at a time, so the XOR scratch never leaves the L2 cache. Memory is
+    O(q * n); callers chunk the queries.
     """
-    dtype = np.uint8 if query_words.shape[1] <= 3 else np.uint16
-    dist = np.zeros((query_words.shape[0], db_words.shape[0]), dtype=dtype)
-    for w in range(query_words.shape[1]):
-        dist += np.bitwise_count(query_words[:, w, None] ^ db_words[None, :, w])
-    return dist
+    q, n = query_words.shape[0], db_words.shape[0]
+    if out is None:
+        out = np.empty((q, n), dtype=np.uint8 if query_words.shape[1] <= 3 else np.uint16)
+    db_columns = np.ascontiguousarray(db_words.T)  # [W, n]; free for a transposed word-major array
+    block = max(1, min(n, _DB_BLOCK))
+    xor = np.empty(block, dtype=np.uint64)
+    count = np.empty(block, dtype=np.uint8)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        width = stop - start
+        for w, column in enumerate(db_columns):
+            for i in range(q):
+                np.bitwise_xor(column[start:stop], query_words[i, w], out=xor[:width])
+                if w == 0:
+                    np.bitwise_count(xor[:width], out=out[i, start:stop], casting="unsafe")
+                else:
+                    out[i, start:stop] += np.bitwise_count(xor[:width], out=count[:width])
+    return out

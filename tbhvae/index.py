@@ -18,23 +18,22 @@ from pathlib import Path
 
 import numpy as np
 
-from tbhvae.codes import check_bits, to_words, unpack_codes
+from tbhvae.codes import check_bits, hamming_distances, to_words, unpack_codes
 
 FORMAT_NAME = "tbhvae.hamming_index"
 FORMAT_VERSION = 1
 BACKENDS = ("auto", "numpy", "faiss")
 
-# Database codes per XOR/popcount block: 32768 uint64 words (256 KiB) stay in
-# the L2 cache while every query of a chunk is compared against them.
-_DB_BLOCK = 32768
 # Bytes of one worker's [queries, n] distance block.
 _DISTANCE_BLOCK_BYTES = 64 * 2**20
 # Below this many query x code pairs, a thread pool costs more than it saves.
 _MIN_PARALLEL_PAIRS = 2**22
-# backend="auto" picks faiss (when installed) from this code length on: below
-# it, numpy was as fast or faster than faiss plus exact re-ranking (1M codes,
-# top-100, 2 cores; see bench/index_speed.py).
-_AUTO_FAISS_MIN_BITS = 512
+# backend="auto" picks faiss (when installed) from this code length on. Exact
+# top-100 of 1,000 queries in 10^6 codes on 2 cores (bench/index_speed.py),
+# numpy vs faiss with re-ranking: 16 bits 1.9 vs 7.3 s (ties make the
+# re-ranking fetch grow), 32 bits 1.8 vs 1.3 s, 64 bits 1.9 vs 1.2 s,
+# 128 bits 3.5 vs 1.4 s.
+_AUTO_FAISS_MIN_BITS = 32
 
 
 def _faiss_module():
@@ -83,31 +82,6 @@ def _check_duplicates(ids: np.ndarray) -> None:
         raise ValueError(f"ids must be unique; id {repeated[0]} occurs more than once")
 
 
-def _distance_block(query_words: np.ndarray, db_words: np.ndarray, out: np.ndarray) -> None:
-    """Writes Hamming distances [q, n] into `out` (an unsigned type that holds W * 64).
-
-    query_words: uint64 [q, W]; db_words: uint64 [W, n] (word-major).
-    The database is walked in cache-sized blocks, each compared with all queries.
-    """
-    num_words, n = db_words.shape
-    if n == 0:
-        return
-    block = min(n, _DB_BLOCK)
-    xor = np.empty(block, dtype=np.uint64)
-    count = np.empty(block, dtype=np.uint8)
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        width = stop - start
-        for w in range(num_words):
-            db_block = db_words[w, start:stop]
-            for i in range(query_words.shape[0]):
-                np.bitwise_xor(db_block, query_words[i, w], out=xor[:width])
-                if w == 0:
-                    np.bitwise_count(xor[:width], out=out[i, start:stop])
-                else:
-                    out[i, start:stop] += np.bitwise_count(xor[:width], out=count[:width])
-
-
 def _kth_smallest(row: np.ndarray, k: int, top: int, guess: int) -> int:
     """Smallest t with at least k entries of `row` <= t (1 <= k <= len(row)).
 
@@ -150,7 +124,7 @@ class HammingIndex:
       labels: optional per-code labels, [n] class ids or [n, C] multi-hot.
       paths: optional per-code strings [n] (e.g. image file names).
       backend: "numpy"; "faiss" (faiss.IndexBinaryFlat, candidates re-ranked
-        so that results equal numpy's); "auto" = faiss for codes of 512 bits
+        so that results equal numpy's); "auto" = faiss for codes of 32 bits
         or more when faiss is installed, else numpy. All give identical results.
       workers: threads for numpy search; defaults to the number of CPUs.
     """
@@ -375,7 +349,7 @@ class HammingIndex:
             guess = self._bits // 2
             for start in range(begin, end, chunk):
                 stop = min(end, start + chunk)
-                _distance_block(query_words[start:stop], self._words, block)
+                hamming_distances(query_words[start:stop], self._words.T, out=block[:stop - start])
                 for offset in range(stop - start):
                     guess = select(start + offset, block[offset], guess)
 

@@ -81,3 +81,43 @@ def test_bad_flags_fail_with_one_line(tmp_path, table):
         table.main(["--features", str(features), "--set", "bits=8"])
     with pytest.raises(SystemExit, match="feature file not found"):
         table.main(["--features", str(tmp_path / "missing.npz"), "--methods", "itq"])
+
+
+@pytest.fixture(scope="module")
+def curve(table):
+    """bench/curve.py imported as a module (it imports table from bench/ too)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        import curve as module
+        yield module
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def test_curve_milestones_continue_one_run_and_resume(tmp_path, curve, table):
+    features = clustered_features(tmp_path / "tiny.npz")
+    out = tmp_path / "out" / "curve.json"
+    argv = ["--features", str(features), "--json", str(out), "--bits", "8", "--steps", "5,10",
+            "--queries", "q1k", "--workdir", str(tmp_path / "runs"), *TINY_DEEP]
+    result = curve.main(argv)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [p["steps"] for p in result["runs"]["8"]] == [5, 10]
+    assert result["itq"]["8"] > 0.6  # 4 separated clusters
+    for point in result["runs"]["8"]:
+        assert 0.0 <= point["map@1000"] <= 1.0 and point["train_seconds"] > 0.0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The 10-step point resumed the 5-step run: it equals one straight 10-step run.
+    config = table.deep_config("tbh", 8, 0, 10, "q1k", features, TINY_DEEP[1::2])
+    from tbhvae import training
+    straight = training.train(config, tmp_path / "straight")
+    assert result["runs"]["8"][1]["map@1000"] == pytest.approx(straight["map@1000"], abs=1e-6)
+
+    # Rerunning reuses the finished milestones (nothing is trained or rewritten).
+    saved = sorted((tmp_path / "runs").glob("*/metrics_*.json"))
+    assert [p.name for p in saved] == ["metrics_10.json", "metrics_5.json"]
+    before = {p: p.stat().st_mtime_ns for p in saved}
+    assert curve.main(argv)["runs"] == result["runs"]
+    assert {p: p.stat().st_mtime_ns for p in saved} == before
+    with pytest.raises(SystemExit, match="strictly increasing"):
+        curve.main([*argv[:6], "--steps", "10,5"])

@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from tbhvae.codes import pack_codes, unpack_codes
+import tbhvae.codes as codes_module
+import tbhvae.evaluation as evaluation_module
+from tbhvae.codes import hamming_distances, pack_codes, to_words, unpack_codes
 from tbhvae.evaluation import evaluate_codes, mean_average_precision
 
 
@@ -50,7 +52,10 @@ def test_against_brute_force_with_ties(bits, top_k):
     assert mean_average_precision(queries, db, query_labels, db_labels, top_k=top_k) == pytest.approx(expected)
 
 
-def test_multi_label_against_brute_force():
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 1000])
+def test_multi_label_against_brute_force(monkeypatch, chunk_elements):
+    # 1000 entries per chunk = one query per chunk of the mAP@K path.
+    monkeypatch.setattr(evaluation_module, "_TOP_K_ELEMENTS", chunk_elements)
     rng = np.random.default_rng(3)
     db = rng.integers(0, 2, (300, 12), dtype=np.uint8)
     queries = rng.integers(0, 2, (30, 12), dtype=np.uint8)
@@ -81,6 +86,21 @@ def test_evaluate_codes_curves_match_definitions():
     order = np.argsort(dist, axis=1, kind="stable")
     top10 = np.take_along_axis(rel, order, axis=1)[:, :10].mean()
     assert metrics["precision_at_n"][10] == pytest.approx(top10)
+
+
+@pytest.mark.parametrize("bits", [7, 64, 65, 200])
+def test_hamming_distances_blocked_multiword(monkeypatch, bits):
+    # A 300-column block forces several database blocks; 65+ bits several words.
+    monkeypatch.setattr(codes_module, "_DB_BLOCK", 300)
+    rng = np.random.default_rng(bits)
+    queries, db = (rng.integers(0, 2, (n, bits), dtype=np.uint8) for n in (9, 1000))
+    expected = (queries[:, None, :] != db[None, :, :]).sum(axis=2)
+    dist = hamming_distances(to_words(pack_codes(queries)), to_words(pack_codes(db)))
+    assert dist.dtype == (np.uint8 if bits <= 192 else np.uint16)
+    np.testing.assert_array_equal(dist, expected)
+    out = np.full((9, 1000), 7, dtype=np.uint16)
+    hamming_distances(to_words(pack_codes(queries)), to_words(pack_codes(db)), out=out)
+    np.testing.assert_array_equal(out, expected)
 
 
 def test_pack_round_trip_and_bad_inputs():

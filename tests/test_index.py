@@ -4,6 +4,7 @@ import importlib.util
 import numpy as np
 import pytest
 
+import tbhvae.codes as codes_module
 import tbhvae.index as index_module
 from tbhvae.codes import pack_codes
 from tbhvae.index import HammingIndex
@@ -42,7 +43,7 @@ def test_search_matches_brute_force(backend, bits, n):
 
 
 def test_auto_backend_uses_faiss_only_for_long_codes():
-    short = HammingIndex(random_codes(10, 64, seed=2))
+    short = HammingIndex(random_codes(10, 16, seed=2))
     long = HammingIndex(random_codes(300, 512, seed=3))
     assert short.backend == "numpy"
     assert long.backend == ("faiss" if HAS_FAISS else "numpy")
@@ -55,7 +56,7 @@ def test_auto_backend_uses_faiss_only_for_long_codes():
 
 def test_search_chunked_and_threaded_matches_brute_force(monkeypatch):
     # Tiny blocks force several database blocks, query chunks and two workers.
-    monkeypatch.setattr(index_module, "_DB_BLOCK", 700)
+    monkeypatch.setattr(codes_module, "_DB_BLOCK", 700)
     monkeypatch.setattr(index_module, "_DISTANCE_BLOCK_BYTES", 3 * 2000)
     monkeypatch.setattr(index_module, "_MIN_PARALLEL_PAIRS", 0)
     db, queries = random_codes(2000, 20, seed=5), random_codes(33, 20, seed=6)

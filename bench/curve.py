@@ -1,0 +1,157 @@
+"""Benchmark: retrieval quality against training steps, next to ITQ.
+
+Trains one deep method per code length through a list of step milestones in a
+single run directory: the run goes to the first milestone, is evaluated on the
+whole query set (q10k by default), then resumes from its checkpoint to the
+next milestone, and so on. Resuming continues the same deterministic input
+order and optimiser state, so the milestones are points of one uninterrupted
+training run. ITQ (fitted once per code length, same queries) is the reference
+line. Finished milestones are kept in the run directory (metrics_<steps>.json)
+and reused, so an interrupted curve continues where it stopped.
+
+  python bench/curve.py --json bench/results/curve_tbh.json               # TBH, 16/32/64 bits, 1k..20k steps
+  python bench/curve.py --method tbhvae --steps 1000,5000 --bits 32 --json curve_tbhvae.json
+
+Writes OUT.json = {"method", "queries", "itq": {bits: map@1000},
+"runs": {bits: [{"steps", "map@1000", "map", "precision@r2", "bit_balance",
+"distinct_codes", "train_seconds"}, ...]}}, OUT_settings.json and OUT.png.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from table import (DEEP_CONFIGS, DEFAULT_FEATURES, DEFAULT_WORKDIR, BenchError, _int_list,  # noqa: E402
+                   _progress, deep_config, machine_description, quiet_keras, run_baseline)
+
+from tbhvae.baselines import QUERY_SETS, select_queries  # noqa: E402
+from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
+
+DEFAULT_STEPS = "1000,2000,5000,10000,20000"
+POINT_KEYS = ("map@1000", "map", "precision@r2", "bit_balance", "distinct_codes", "train_seconds",
+              "examples_per_second")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--features", default=str(DEFAULT_FEATURES), help="feature .npz (default: %(default)s)")
+    parser.add_argument("--method", default="tbh", choices=sorted(DEEP_CONFIGS), help="deep method (configs/)")
+    parser.add_argument("--bits", default="16,32,64", help="comma-separated code lengths")
+    parser.add_argument("--steps", default=DEFAULT_STEPS, help="comma-separated, increasing step milestones")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the deep runs and of ITQ")
+    parser.add_argument("--queries", choices=QUERY_SETS, default="q10k", help="query set (default: %(default)s)")
+    parser.add_argument("--json", default="bench_curve.json", help="output JSON (default: %(default)s)")
+    parser.add_argument("--workdir", default=None,
+                        help=f"run directories (default: {DEFAULT_WORKDIR.parent}/bench_curve/<features>-<method>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override (repeatable), e.g. jit_compile=false")
+    args = parser.parse_args(argv)
+    args.bits = _int_list(args.bits, "--bits", 1)
+    args.steps = _int_list(args.steps, "--steps", 1)
+    if args.steps != sorted(set(args.steps)):
+        raise BenchError(f"--steps: milestones must be strictly increasing, got {args.steps}")
+    return args
+
+
+def default_workdir(features: Path, method: str, overrides: list[str]) -> Path:
+    """~/.cache/tbhvae/bench_curve/<features>-<method>[-<hash of the overrides>]."""
+    name = f"{features.stem}-{method}"
+    if overrides:
+        name += "-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+    return DEFAULT_WORKDIR.expanduser().parent / "bench_curve" / name
+
+
+def run_milestones(args: argparse.Namespace, feature_set: FeatureSet, features: Path, workdir: Path,
+                   bits: int) -> list[dict]:
+    """Trains one run through every milestone; returns one point per milestone."""
+    from tbhvae import training
+
+    run_dir = workdir / f"{args.method}_{bits}_s{args.seed}"
+    points = []
+    for steps in args.steps:
+        saved = run_dir / f"metrics_{steps}.json"
+        started = time.perf_counter()
+        if saved.is_file():
+            metrics, how = json.loads(saved.read_text()), "reused"
+        else:
+            config = deep_config(args.method, bits, args.seed, steps, args.queries, features, args.set)
+            config = config.replace(checkpoint_every=min(1000, steps))
+            with quiet_keras():
+                metrics = training.train(config, run_dir, feature_set=feature_set)
+            saved.write_text(json.dumps(metrics, indent=2) + "\n")
+            how = "trained"
+        point = {"steps": steps, **{key: metrics[key] for key in POINT_KEYS if key in metrics}}
+        points.append(point)
+        _progress(f"{args.method} {bits} bits, {steps} steps: mAP@1000 {point['map@1000']:.4f}, "
+                  f"mAP {point['map']:.4f}, bit balance {point['bit_balance']:.2f} "
+                  f"({how}, wall {time.perf_counter() - started:.0f} s)")
+    return points
+
+
+def plot_curve(result: dict, path: Path) -> Path:
+    """mAP@1000 against steps (log axis), one line per code length, ITQ dashed in the same colour."""
+    from plots import _save  # bench/plots.py (the script's directory)
+
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    for index, (bits, points) in enumerate(result["runs"].items()):
+        colour = f"C{index}"
+        axis.plot([p["steps"] for p in points], [p["map@1000"] for p in points], marker="o", color=colour,
+                  label=f"{result['method']} {bits} bits")
+        if bits in result["itq"]:
+            axis.axhline(result["itq"][bits], color=colour, linestyle="--", linewidth=1, label=f"ITQ {bits} bits")
+    axis.set(xlabel="training steps (batch 400)", ylabel="mAP@1000", xscale="log",
+             title=f"{result['method']}: mAP@1000 ({result['queries']}) against training steps")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    started = time.perf_counter()
+    from tbhvae.training import TrainingError
+
+    try:
+        args = parse_args(argv)
+        features = Path(args.features).resolve()
+        feature_set = load_features(features)
+        workdir = Path(args.workdir) if args.workdir else default_workdir(features, args.method, args.set)
+        query_rows = select_queries(feature_set.test_labels, args.queries)
+        result = {"method": args.method, "queries": args.queries, "itq": {}, "runs": {}}
+        for bits in args.bits:
+            itq = run_baseline(feature_set, "itq", bits, args.seed, query_rows)
+            result["itq"][str(bits)] = itq["map@1000"]
+            _progress(f"itq {bits} bits: mAP@1000 {itq['map@1000']:.4f}")
+            result["runs"][str(bits)] = run_milestones(args, feature_set, features, workdir, bits)
+    except (BenchError, DataError, ValueError, TrainingError) as err:
+        raise SystemExit(f"bench/curve.py: {err}") from None
+
+    header = "| steps | " + " | ".join(f"{b} bits" for b in result["runs"]) + " |"
+    lines = [header, "| --- |" + " --- |" * len(result["runs"])]
+    for index, steps in enumerate(args.steps):
+        lines.append(f"| {steps} | " + " | ".join(f"{points[index]['map@1000']:.3f}"
+                                                 for points in result["runs"].values()) + " |")
+    lines.append("| ITQ | " + " | ".join(f"{result['itq'][b]:.3f}" for b in result["runs"]) + " |")
+    print("\n".join(lines))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    settings = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+                "features": str(features), "workdir": str(workdir), "overrides": args.set,
+                "wall_seconds": time.perf_counter() - started, "machine": machine_description()}
+    out.with_name(out.stem + "_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    png = plot_curve(result, out.with_suffix(".png"))
+    _progress(f"wrote {out} and {png} ({time.perf_counter() - started:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
