@@ -19,7 +19,6 @@ Writes OUT.json = {"method", "queries", "itq": {bits: map@1000},
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -28,8 +27,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from plots import plot_steps_curve  # noqa: E402
 from table import (DEEP_CONFIGS, DEFAULT_FEATURES, DEFAULT_WORKDIR, BenchError, _int_list,  # noqa: E402
-                   _progress, deep_config, machine_description, quiet_keras, run_baseline)
+                   _progress, deep_config, machine_description, overrides_tag, quiet_keras, run_baseline)
 
 from tbhvae.baselines import QUERY_SETS, select_queries  # noqa: E402
 from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
@@ -62,9 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def default_workdir(features: Path, method: str, overrides: list[str]) -> Path:
     """~/.cache/tbhvae/bench_curve/<features>-<method>[-<hash of the overrides>]."""
-    name = f"{features.stem}-{method}"
-    if overrides:
-        name += "-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
+    name = f"{features.stem}-{method}{overrides_tag(overrides)}"
     return DEFAULT_WORKDIR.expanduser().parent / "bench_curve" / name
 
 
@@ -78,11 +76,15 @@ def run_milestones(args: argparse.Namespace, feature_set: FeatureSet, features: 
     for steps in args.steps:
         saved = run_dir / f"metrics_{steps}.json"
         started = time.perf_counter()
+        config = deep_config(args.method, bits, args.seed, steps, args.queries, features, args.set)
+        config = config.replace(checkpoint_every=min(1000, steps))
+        previous = training.RunDirectory(run_dir).saved_config()
+        if previous is not None and previous.replace(steps=steps, checkpoint_every=config.checkpoint_every) != config:
+            raise BenchError(f"{run_dir} holds a run with another config (other --set, --queries or features); "
+                             f"pass another --workdir or remove it")
         if saved.is_file():
             metrics, how = json.loads(saved.read_text()), "reused"
         else:
-            config = deep_config(args.method, bits, args.seed, steps, args.queries, features, args.set)
-            config = config.replace(checkpoint_every=min(1000, steps))
             with quiet_keras():
                 metrics = training.train(config, run_dir, feature_set=feature_set)
             saved.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -93,26 +95,6 @@ def run_milestones(args: argparse.Namespace, feature_set: FeatureSet, features: 
                   f"mAP {point['map']:.4f}, bit balance {point['bit_balance']:.2f} "
                   f"({how}, wall {time.perf_counter() - started:.0f} s)")
     return points
-
-
-def plot_curve(result: dict, path: Path) -> Path:
-    """mAP@1000 against steps (log axis), one line per code length, ITQ dashed in the same colour."""
-    from plots import _save  # bench/plots.py (the script's directory)
-
-    import matplotlib.pyplot as plt
-
-    fig, axis = plt.subplots(figsize=(6, 4.5))
-    for index, (bits, points) in enumerate(result["runs"].items()):
-        colour = f"C{index}"
-        axis.plot([p["steps"] for p in points], [p["map@1000"] for p in points], marker="o", color=colour,
-                  label=f"{result['method']} {bits} bits")
-        if bits in result["itq"]:
-            axis.axhline(result["itq"][bits], color=colour, linestyle="--", linewidth=1, label=f"ITQ {bits} bits")
-    axis.set(xlabel="training steps (batch 400)", ylabel="mAP@1000", xscale="log",
-             title=f"{result['method']}: mAP@1000 ({result['queries']}) against training steps")
-    axis.grid(alpha=0.3, which="both")
-    axis.legend(fontsize=8, ncol=2)
-    return _save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -148,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "features": str(features), "workdir": str(workdir), "overrides": args.set,
                 "wall_seconds": time.perf_counter() - started, "machine": machine_description()}
     out.with_name(out.stem + "_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    png = plot_curve(result, out.with_suffix(".png"))
+    png = plot_steps_curve(result, out.with_suffix(".png"))
     _progress(f"wrote {out} and {png} ({time.perf_counter() - started:.0f} s)")
     return result
 

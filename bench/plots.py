@@ -79,3 +79,23 @@ def plot_index_scaling(rows: list[dict], path: str | Path) -> Path:
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_steps_curve(result: dict, path: str | Path) -> Path:
+    """mAP@1000 against training steps (log axis), one line per code length, ITQ dashed in its colour.
+
+    result: bench/curve.py's output, {"method", "queries", "itq": {bits: map},
+    "runs": {bits: [{"steps", "map@1000", ...}, ...]}}.
+    """
+    fig, axis = plt.subplots(figsize=(6, 4.5))
+    for index, (bits, points) in enumerate(result["runs"].items()):
+        colour = f"C{index}"
+        axis.plot([p["steps"] for p in points], [p["map@1000"] for p in points], marker="o", color=colour,
+                  label=f"{result['method']} {bits} bits")
+        if bits in result["itq"]:
+            axis.axhline(result["itq"][bits], color=colour, linestyle="--", linewidth=1, label=f"ITQ {bits} bits")
+    axis.set(xlabel="training steps (batch 400)", ylabel="mAP@1000", xscale="log",
+             title=f"{result['method']}: mAP@1000 ({result['queries']}) against training steps")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=8, ncol=2)
+    return _save(fig, path)

@@ -128,11 +128,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def overrides_tag(overrides: list[str]) -> str:
+    """Run-directory name suffix: empty without config overrides, else "-" + a short hash of them."""
+    return "-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8] if overrides else ""
+
+
 def default_workdir(features: Path, queries: str, budget: int, overrides: list[str]) -> Path:
-    name = f"{features.stem}-{queries}-{budget}steps"
-    if overrides:
-        name += "-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8]
-    return DEFAULT_WORKDIR.expanduser() / name
+    return DEFAULT_WORKDIR.expanduser() / f"{features.stem}-{queries}-{budget}steps{overrides_tag(overrides)}"
 
 
 # ------------------------------------------------------------------ single runs

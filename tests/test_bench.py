@@ -121,3 +121,6 @@ def test_curve_milestones_continue_one_run_and_resume(tmp_path, curve, table):
     assert {p: p.stat().st_mtime_ns for p in saved} == before
     with pytest.raises(SystemExit, match="strictly increasing"):
         curve.main([*argv[:6], "--steps", "10,5"])
+    # Another config in the same run directory is refused, not mixed into the curve.
+    with pytest.raises(SystemExit, match="another config"):
+        curve.main([*argv, "--set", "learning_rate=0.001"])
