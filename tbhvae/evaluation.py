@@ -106,8 +106,9 @@ class _Evaluator:
             raise ValueError(f"top_k must be positive or None, got {top_k}")
         self.bits = query_codes.shape[1]
         self.query_codes, self.db_codes = query_codes, db_codes
-        self.query_words = to_words(pack_codes(query_codes))
-        self.db_words = to_words(pack_codes(db_codes))
+        if complete:  # the full sort packs here; the mAP@K path packs inside HammingIndex
+            self.query_words = to_words(pack_codes(query_codes))
+            self.db_words = to_words(pack_codes(db_codes))
         n = len(db_codes)
         self.top_k = n if top_k is None else min(top_k, n)
         self.complete = complete
@@ -115,7 +116,7 @@ class _Evaluator:
         self.chunk = max(1, min(1024, _CHUNK_ELEMENTS // n))
 
     def chunk_totals(self, start: int) -> _Totals:
-        stop = min(start + self.chunk, len(self.query_words))
+        stop = min(start + self.chunk, len(self.query_codes))
         dist = hamming_distances(self.query_words[start:stop], self.db_words)
         relevant = _relevance(self.query_labels[start:stop], self.db_labels)
         order = np.argsort(dist, axis=1, kind="stable")
@@ -161,7 +162,7 @@ class _Evaluator:
         if not self.complete:
             return self.top_k_totals()
         totals = _Totals()
-        starts = range(0, len(self.query_words), self.chunk)
+        starts = range(0, len(self.query_codes), self.chunk)
         workers = min(os.cpu_count() or 1, len(starts))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for part in pool.map(self.chunk_totals, starts):
@@ -212,7 +213,7 @@ def evaluate_codes(query_codes, db_codes, query_labels, db_labels, top_k=1000,
     """
     evaluator = _Evaluator(query_codes, db_codes, query_labels, db_labels, top_k, complete=True)
     totals = evaluator.run()
-    queries = len(evaluator.query_words)
+    queries = len(evaluator.query_codes)
     precision = totals.radius_precision / queries
     metrics = {
         f"map@{top_k}": _mean(totals.ap_top_k, totals.queries_top_k),

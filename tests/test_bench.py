@@ -1,4 +1,5 @@
-"""Smoke test of bench/table.py's --quick path on a tiny synthetic feature file."""
+"""Smoke tests of bench/table.py (--quick) and bench/curve.py on a tiny synthetic feature file."""
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -14,14 +15,23 @@ TINY_DEEP = ["--set", "hidden_dim=32", "--set", "continuous_dim=16", "--set", "b
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    """bench/table.py imported as a module (bench/ on sys.path, as when run as a script)."""
+def bench_import():
+    """Imports a bench/ script as a module, with bench/ on sys.path as when it runs as a script."""
     sys.path.insert(0, str(BENCH_DIR))
     try:
-        import table as module
-        yield module
+        yield importlib.import_module
     finally:
         sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.fixture(scope="module")
+def table(bench_import):
+    return bench_import("table")
+
+
+@pytest.fixture(scope="module")
+def curve(bench_import):
+    return bench_import("curve")
 
 
 def clustered_features(path: Path) -> Path:
@@ -81,17 +91,6 @@ def test_bad_flags_fail_with_one_line(tmp_path, table):
         table.main(["--features", str(features), "--set", "bits=8"])
     with pytest.raises(SystemExit, match="feature file not found"):
         table.main(["--features", str(tmp_path / "missing.npz"), "--methods", "itq"])
-
-
-@pytest.fixture(scope="module")
-def curve(table):
-    """bench/curve.py imported as a module (it imports table from bench/ too)."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        import curve as module
-        yield module
-    finally:
-        sys.path.remove(str(BENCH_DIR))
 
 
 def test_curve_milestones_continue_one_run_and_resume(tmp_path, curve, table):
