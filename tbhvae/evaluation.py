@@ -1,16 +1,45 @@
-"""Hamming-ranking retrieval evaluation (the TBH protocol).
+"""Hamming-ranking retrieval evaluation, tie-aware (the honest TBH protocol).
 
-The database is ranked by Hamming distance to each query, ties broken by
-database index (a stable sort). mAP@K averages, over queries with at least one
-relevant item in the top K, AP = (1/R) * sum_{j<=K} rel_j * precision@j with R
-the relevant items within the top K. Relevance: same class id, or (multi-hot
-labels) at least one shared label.
+Ranking the database by Hamming distance leaves every item at the same
+distance tied. Every metric here is the **expectation over uniformly random
+orders within each tie group** (McSherry & Najork, ECIR 2008; He et al.,
+"Hashing as Tie-Aware Learning to Rank", CVPR 2018), so it depends neither on
+the database order nor on any tie-breaking rule, and it is computed exactly
+(no sampling). The mean is over **all** queries: a query with no relevant item
+in its top K has AP 0 (DeepHash-pytorch, BiHalf, CIBHash do the same).
+Relevance: same class id, or (multi-hot labels) at least one shared label; a
+multi-hot row without labels is relevant to nothing.
 
-Codes are packed into 64-bit words and compared with XOR + popcount, a chunk
-of queries at a time on a thread pool, so memory stays bounded and both cores
-work. mAP@K alone takes the exact top-K search of `HammingIndex` (a count
-threshold per query, then a sort of the few codes within it), which gives the
-same order as a full stable sort at a fraction of its cost.
+Nothing needs sorting: per query, only the number of database items n_d and of
+relevant items r_d at each distance d = 0..M enter the expectations, so the
+cost is one XOR/popcount pass plus a histogram (`distance_histograms`).
+
+AP@K, with the TBH normalisation (divide by R_K, the relevant items within the
+top K). Let N_d and R_d count the items and relevant items strictly closer
+than d. A tie group entirely inside the top K contributes (McSherry & Najork)
+
+    (r_d / n_d) * sum_{t=N_d+1}^{N_d+n_d} [R_d + 1 + (t - N_d - 1) c_d] / t,
+    c_d = (r_d - 1) / (n_d - 1)  (0 when n_d = 1),
+
+which is (r_d / n_d) * [(R_d + 1 - (N_d + 1) c_d) (H(N_d + n_d) - H(N_d)) + c_d n_d]
+with H the harmonic numbers. Only the group s that straddles position K makes
+R_K random: k = K - N_s of its n_s items fall inside the cut and the number X
+of relevant ones among them is hypergeometric(n_s, r_s, k). Given X = x those x
+relevant items sit uniformly among the k positions, so the group adds
+(x / k) [(R_s + 1) H1 + (x - 1) / (k - 1) * H2] with H1 = H(N_s + k) - H(N_s)
+and H2 = k - (N_s + 1) H1, and
+
+    E[AP@K] = sum_x P(X = x) * (S + group(x)) / (R_s + x)   (0 where R_s + x = 0),
+
+S being the sum of the complete groups' contributions: O(min(r_s, k)) terms
+per query. Precision@N is linear in the hits, so its expectation takes the
+straddling group's r_s / n_s share. Precision and recall within a Hamming
+radius are tie-free.
+
+The older convention (ties broken by database index, queries without a hit
+left out of the mean) is kept as `mean_average_precision_index_ties` to
+compare with published figures; on a class-sorted database it gives a
+constant encoder mAP@1000 = 1.0, so nothing selects models with it.
 """
 from __future__ import annotations
 
@@ -24,52 +53,255 @@ from tbhvae.codes import check_bits, hamming_distances, pack_codes, to_words
 from tbhvae.index import HammingIndex
 
 PRECISION_AT_N = (1, 10, 50, 100, 200, 500, 1000, 2000, 5000)
-_CHUNK_ELEMENTS = 1 << 24  # distances per chunk (x 8 bytes for the sort order)
-_TOP_K_ELEMENTS = 1 << 22  # ranked (query, item[, label]) entries per chunk of the mAP@K path
+_CHUNK_ELEMENTS = 1 << 21  # (query, database item) pairs per histogram chunk
+_TOP_K_ELEMENTS = 1 << 22  # ranked (query, item[, label]) entries per chunk of the index-ties path
+_HYPERGEOMETRIC_ENTRIES = 1 << 22  # (query, x) terms per block of the straddling-group sum
 
 
 @dataclasses.dataclass
-class _Totals:
-    """Sums over queries; every array is summed elementwise."""
+class DistanceHistograms:
+    """Per-query counts by Hamming distance: all the tie-aware metrics need.
 
-    ap_top_k: float = 0.0
-    queries_top_k: int = 0
-    ap_full: float = 0.0
-    queries_full: int = 0
-    precision_at_n: np.ndarray | None = None  # [len(ns)]
-    radius_precision: np.ndarray | None = None  # [M + 1]
-    radius_recall: np.ndarray | None = None  # [M + 1]
-    queries_with_relevant: int = 0
+    counts: int64 [q, M + 1], database items at distance d from query i.
+    relevant: int64 [q, M + 1], the relevant ones among them.
+    """
 
-    def add(self, other: "_Totals") -> None:
-        for field in dataclasses.fields(self):
-            mine, theirs = getattr(self, field.name), getattr(other, field.name)
-            if theirs is not None:
-                setattr(self, field.name, theirs if mine is None else mine + theirs)
+    counts: np.ndarray
+    relevant: np.ndarray
+
+    @property
+    def database_size(self) -> int:
+        return int(self.counts[0].sum())
 
 
 def _check_labels(labels, count: int, name: str) -> np.ndarray:
+    """Class ids [count] (non-negative integers) or multi-hot 0/1 [count, C]."""
     labels = np.asarray(labels)
     if labels.ndim not in (1, 2) or labels.shape[0] != count:
         raise ValueError(f"{name}: expected class ids [{count}] or multi-hot [{count}, C], "
                          f"got shape {labels.shape}")
+    if labels.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: labels must be numeric, got dtype {labels.dtype}")
+    if labels.size and labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise ValueError(f"{name}: labels hold NaN or Inf")
+    if labels.ndim == 1 and labels.size and (labels.min() < 0 or np.any(labels != np.round(labels))):
+        raise ValueError(f"{name}: class ids must be non-negative integers")
+    if labels.ndim == 2 and labels.size and not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{name}: multi-hot labels must hold only 0 and 1")
     return labels
 
 
-def _relevance(query_labels: np.ndarray, db_labels: np.ndarray) -> np.ndarray:
-    """bool [q, n]: query i and database item j share a class."""
-    if query_labels.ndim == 1:
-        return query_labels[:, None] == db_labels[None, :]
-    shared = query_labels.astype(np.float32) @ db_labels.astype(np.float32).T
-    return shared > 0
+def _check_inputs(query_codes, db_codes, query_labels, db_labels):
+    query_codes = check_bits(query_codes, "query_codes")
+    db_codes = check_bits(db_codes, "db_codes")
+    if query_codes.shape[1] != db_codes.shape[1]:
+        raise ValueError(f"query codes have {query_codes.shape[1]} bits but database codes "
+                         f"have {db_codes.shape[1]}")
+    if len(db_codes) == 0 or len(query_codes) == 0:
+        raise ValueError("query_codes and db_codes must each hold at least one code")
+    query_labels = _check_labels(query_labels, len(query_codes), "query_labels")
+    db_labels = _check_labels(db_labels, len(db_codes), "db_labels")
+    if query_labels.ndim != db_labels.ndim:
+        raise ValueError("query_labels and db_labels must both be class ids or both multi-hot")
+    if query_labels.ndim == 2 and query_labels.shape[1] != db_labels.shape[1]:
+        raise ValueError(f"multi-hot widths differ: query_labels has {query_labels.shape[1]} classes, "
+                         f"db_labels {db_labels.shape[1]}")
+    return query_codes, db_codes, query_labels, db_labels
 
 
-def _relevance_at(query_labels: np.ndarray, db_labels: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """bool [q, k]: query i shares a class with database item positions[i, j]."""
-    if query_labels.ndim == 1:
-        return query_labels[:, None] == db_labels[positions]
-    shared = np.einsum("qc,qkc->qk", query_labels.astype(np.float32), db_labels[positions].astype(np.float32))
-    return shared > 0
+def _check_top_k(top_k) -> None:
+    if top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+
+
+def distance_histograms(query_codes, db_codes, query_labels, db_labels) -> DistanceHistograms:
+    """Counts of database items (and relevant ones) at each Hamming distance.
+
+    Args:
+      query_codes, db_codes: 0/1 uint8 [q, M] and [n, M].
+      query_labels, db_labels: class ids [q] / [n] or multi-hot [q, C] / [n, C].
+    Returns:
+      DistanceHistograms with int64 [q, M + 1] arrays. Memory is bounded by
+      chunking the queries; chunks run on a thread pool.
+    """
+    query_codes, db_codes, query_labels, db_labels = _check_inputs(
+        query_codes, db_codes, query_labels, db_labels)
+    bins = query_codes.shape[1] + 1
+    query_words, db_words = to_words(pack_codes(query_codes)), to_words(pack_codes(db_codes))
+    n, q = len(db_codes), len(query_codes)
+    single_label = db_labels.ndim == 1
+    if single_label:  # database grouped by class: a query's relevant items are one slice
+        classes, dense = np.unique(np.concatenate([db_labels, query_labels]), return_inverse=True)
+        order = np.argsort(dense[:n], kind="stable")
+        db_words = db_words[order]
+        class_start = np.searchsorted(dense[:n][order], np.arange(len(classes) + 1))
+        query_dense = dense[n:]
+    rows = max(1, min(1024, _CHUNK_ELEMENTS // n))
+    counts = np.empty((q, bins), np.int64)
+    relevant = np.empty((q, bins), np.int64)
+
+    def count_range(begin: int, end: int) -> None:
+        keys = np.empty(rows * n, np.int64)  # reused: fresh temporaries would page-fault every chunk
+        offsets = (np.arange(rows, dtype=np.int64) * bins)[:, None]
+        for start in range(begin, end, rows):
+            stop = min(start + rows, end)
+            size = stop - start
+            dist = hamming_distances(query_words[start:stop], db_words)
+            key = keys[:size * n].reshape(size, n)
+            np.add(dist, offsets[:size], out=key, dtype=np.int64)  # key = (row, distance)
+            counts[start:stop] = np.bincount(key.ravel(), minlength=size * bins).reshape(size, bins)
+            if single_label:
+                for label in np.unique(query_dense[start:stop]):
+                    members = np.flatnonzero(query_dense[start:stop] == label)
+                    inside = np.add(dist[members, class_start[label]:class_start[label + 1]],
+                                    offsets[:len(members)], dtype=np.int64)
+                    relevant[start + members] = np.bincount(
+                        inside.ravel(), minlength=len(members) * bins).reshape(-1, bins)
+            else:  # relevance as weights
+                shared = query_labels[start:stop].astype(np.float32) @ db_labels.T.astype(np.float32)
+                relevant[start:stop] = np.bincount(key.ravel(), weights=(shared > 0).ravel(),
+                                                   minlength=size * bins).reshape(size, bins)
+
+    workers = max(1, min(os.cpu_count() or 1, -(-q // rows)))
+    bounds = np.linspace(0, q, workers + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(count_range, bounds[:-1], bounds[1:]))
+    return DistanceHistograms(counts, relevant)
+
+
+def _harmonic(n: int) -> np.ndarray:
+    """H(t) = sum_{i<=t} 1/i for t = 0..n: float64 [n + 1]."""
+    return np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n + 1))])
+
+
+def _log_factorial(n: int) -> np.ndarray:
+    """log t! for t = 0..n: float64 [n + 1]."""
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+
+
+def _complete_group_sums(counts, relevant, closer, relevant_closer, harmonic):
+    """Expected sum of rel_t * precision@t over each whole tie group: float64 [q, M + 1]."""
+    spread = np.where(counts > 1, (relevant - 1) / np.maximum(counts - 1, 1), 0.0)
+    delta_h = harmonic[closer + counts] - harmonic[closer]
+    inner = (relevant_closer + 1 - (closer + 1) * spread) * delta_h + spread * counts
+    return np.where(counts > 0, relevant / np.maximum(counts, 1), 0.0) * inner
+
+
+def tie_aware_average_precision(histograms: DistanceHistograms, top_k: int | None = 1000) -> np.ndarray:
+    """Expected AP@top_k of every query over random orders within ties: float64 [q].
+
+    `top_k=None` (or >= the database size) is the full ranking. See the module
+    docstring for the derivation.
+    """
+    _check_top_k(top_k)
+    counts, relevant = histograms.counts, histograms.relevant
+    n = histograms.database_size
+    cut = n if top_k is None else min(int(top_k), n)
+    harmonic = _harmonic(n)
+    cumulative = np.cumsum(counts, axis=1)
+    closer = cumulative - counts
+    relevant_closer = np.cumsum(relevant, axis=1) - relevant
+    inside = cumulative <= cut  # tie groups entirely within the top K (a prefix of the bins)
+    group_sums = _complete_group_sums(counts, relevant, closer, relevant_closer, harmonic)
+    full_sum = np.where(inside, group_sums, 0.0).sum(axis=1)
+    full_relevant = np.where(inside, relevant, 0).sum(axis=1)
+    ap = np.where(full_relevant > 0, full_sum / np.maximum(full_relevant, 1), 0.0)
+    group = np.minimum(inside.sum(axis=1), counts.shape[1] - 1)  # the first group not entirely inside
+    rows = np.arange(len(counts))
+    straddle = np.flatnonzero(~inside[:, -1] & (closer[rows, group] < cut))  # the cut splits a group
+    if straddle.size:
+        group = group[straddle]
+        ap[straddle] = _straddling_expectation(
+            full_sum[straddle], full_relevant[straddle], closer[straddle, group],
+            counts[straddle, group], relevant[straddle, group], cut, harmonic, _log_factorial(n))
+    return ap
+
+
+def _straddling_expectation(full_sum, full_relevant, closer, size, hits, cut, harmonic, log_factorial):
+    """E[AP@K] over the hypergeometric count of relevant items the cut takes from the straddling group.
+
+    All arguments [s] per query except cut (K), harmonic and log_factorial.
+    """
+    taken = cut - closer  # k items of the group inside the top K, 1 <= k < size
+    low = np.maximum(0, taken - (size - hits))
+    high = np.minimum(hits, taken)
+    h1 = harmonic[closer + taken] - harmonic[closer]
+    h2 = taken - (closer + 1) * h1
+    spread_scale = np.where(taken > 1, 1.0 / np.maximum(taken - 1, 1), 0.0)
+
+    def log_choose(a, b):
+        return log_factorial[a] - log_factorial[b] - log_factorial[a - b]
+
+    result = np.empty(len(full_sum))
+    order = np.argsort(high - low, kind="stable")  # blocks of similar width waste little padding
+    widths = (high - low + 1)[order]
+    start = 0
+    while start < len(order):
+        # the longest block from `start` whose padded [rows, width] fits (rows * width ascends)
+        fits = np.arange(1, len(order) - start + 1) * widths[start:] <= _HYPERGEOMETRIC_ENTRIES
+        stop = start + max(1, int(fits.sum()))
+        block = order[start:stop]
+        width = int(widths[stop - 1])
+        x = low[block, None] + np.arange(width)[None, :]
+        valid = x <= high[block, None]
+        x = np.where(valid, x, low[block, None])
+        log_pmf = (log_choose(hits[block, None], x) + log_choose(size[block, None] - hits[block, None],
+                                                                   taken[block, None] - x)
+                   - log_choose(size[block], taken[block])[:, None])
+        group = (x / taken[block, None]) * ((full_relevant[block, None] + 1) * h1[block, None]
+                                            + (x - 1) * spread_scale[block, None] * h2[block, None])
+        retrieved = full_relevant[block, None] + x
+        ap = np.where(retrieved > 0, (full_sum[block, None] + group) / np.maximum(retrieved, 1), 0.0)
+        result[block] = np.where(valid, np.exp(log_pmf) * ap, 0.0).sum(axis=1)
+        start = stop
+    return result
+
+
+def tie_aware_precision_at(histograms: DistanceHistograms, ns) -> np.ndarray:
+    """Expected precision of the top N for each N in `ns` (<= database size): float64 [q, len(ns)]."""
+    counts, relevant = histograms.counts, histograms.relevant
+    cumulative = np.cumsum(counts, axis=1)
+    cumulative_relevant = np.cumsum(relevant, axis=1)
+    result = np.empty((len(counts), len(ns)))
+    rows = np.arange(len(counts))
+    for column, top in enumerate(ns):
+        group = (cumulative < top).sum(axis=1)  # the bin holding position N
+        before = cumulative[rows, group] - counts[rows, group]
+        hits_before = cumulative_relevant[rows, group] - relevant[rows, group]
+        share = relevant[rows, group] / np.maximum(counts[rows, group], 1)
+        result[:, column] = (hits_before + (top - before) * share) / top
+    return result
+
+
+def radius_curves(histograms: DistanceHistograms) -> dict:
+    """Precision and recall of retrieving everything within radius r = 0..M (query means).
+
+    Precision is 0 for a query that retrieves nothing; recall averages over
+    queries with at least one relevant item in the database.
+    """
+    retrieved = np.cumsum(histograms.counts, axis=1)
+    hits = np.cumsum(histograms.relevant, axis=1)
+    precision = np.where(retrieved > 0, hits / np.maximum(retrieved, 1), 0.0).mean(axis=0)
+    has_relevant = hits[:, -1] > 0
+    recall = (hits[has_relevant] / hits[has_relevant, -1:]).sum(axis=0) / max(int(has_relevant.sum()), 1)
+    return {"radius": list(range(retrieved.shape[1])), "precision": precision.tolist(),
+            "recall": recall.tolist()}
+
+
+def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=1000) -> float:
+    """Tie-aware mAP@top_k over all queries; `top_k=None` ranks the whole database.
+
+    Args:
+      query_codes: 0/1 uint8 [q, M].
+      db_codes: 0/1 uint8 [n, M].
+      query_labels, db_labels: class ids [q] / [n] or multi-hot [q, C] / [n, C].
+      top_k: ranking depth K, or None for the full ranking.
+    """
+    _check_top_k(top_k)
+    histograms = distance_histograms(query_codes, db_codes, query_labels, db_labels)
+    return float(tie_aware_average_precision(histograms, top_k).mean())
 
 
 def _average_precision(relevant_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -81,151 +313,76 @@ def _average_precision(relevant_sorted: np.ndarray) -> tuple[np.ndarray, np.ndar
     return ap, count
 
 
-class _Evaluator:
-    """Per-chunk statistics of one query set against one database.
+def _relevance_at(query_labels: np.ndarray, db_labels: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """bool [q, k]: query i shares a class with database item positions[i, j]."""
+    if query_labels.ndim == 1:
+        return query_labels[:, None] == db_labels[positions]
+    shared = np.einsum("qc,qkc->qk", query_labels.astype(np.float32), db_labels[positions].astype(np.float32))
+    return shared > 0
 
-    `complete=False` computes only AP@top_k (the fast path, through
-    `HammingIndex.search`); `complete=True` sorts the whole database per query
-    (chunk_totals) and adds full-ranking AP, precision@N and the
-    precision/recall-by-radius curves.
+
+def mean_average_precision_index_ties(query_codes, db_codes, query_labels, db_labels, top_k=1000) -> float:
+    """The older protocol: ties broken by database index, queries without a hit in the top K skipped.
+
+    Kept only to compare with published figures (the TBH reference code ranks
+    this way). It depends on the database order: on a class-sorted database a
+    constant encoder scores 1.0. Never use it to compare or select models.
     """
-
-    def __init__(self, query_codes, db_codes, query_labels, db_labels, top_k, complete):
-        query_codes = check_bits(query_codes, "query_codes")
-        db_codes = check_bits(db_codes, "db_codes")
-        if query_codes.shape[1] != db_codes.shape[1]:
-            raise ValueError(f"query codes have {query_codes.shape[1]} bits but database codes "
-                             f"have {db_codes.shape[1]}")
-        if len(db_codes) == 0 or len(query_codes) == 0:
-            raise ValueError("query_codes and db_codes must each hold at least one code")
-        self.query_labels = _check_labels(query_labels, len(query_codes), "query_labels")
-        self.db_labels = _check_labels(db_labels, len(db_codes), "db_labels")
-        if self.query_labels.ndim != self.db_labels.ndim:
-            raise ValueError("query_labels and db_labels must both be class ids or both multi-hot")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be positive or None, got {top_k}")
-        self.bits = query_codes.shape[1]
-        self.query_codes, self.db_codes = query_codes, db_codes
-        if complete:  # the full sort packs here; the mAP@K path packs inside HammingIndex
-            self.query_words = to_words(pack_codes(query_codes))
-            self.db_words = to_words(pack_codes(db_codes))
-        n = len(db_codes)
-        self.top_k = n if top_k is None else min(top_k, n)
-        self.complete = complete
-        self.ns = np.array([v for v in PRECISION_AT_N if v <= n], dtype=np.int64)
-        self.chunk = max(1, min(1024, _CHUNK_ELEMENTS // n))
-
-    def chunk_totals(self, start: int) -> _Totals:
-        stop = min(start + self.chunk, len(self.query_codes))
-        dist = hamming_distances(self.query_words[start:stop], self.db_words)
-        relevant = _relevance(self.query_labels[start:stop], self.db_labels)
-        order = np.argsort(dist, axis=1, kind="stable")
-        relevant_sorted = np.take_along_axis(relevant, order, axis=1)
-        totals = _Totals()
-        ap, count = _average_precision(relevant_sorted[:, :self.top_k])
-        totals.ap_top_k, totals.queries_top_k = float(ap[count > 0].sum()), int((count > 0).sum())
-        ap, count = _average_precision(relevant_sorted)
-        totals.ap_full, totals.queries_full = float(ap[count > 0].sum()), int((count > 0).sum())
-        hits = np.cumsum(relevant_sorted[:, :self.ns[-1]], axis=1)
-        totals.precision_at_n = (hits[:, self.ns - 1] / self.ns).sum(axis=0)
-        (totals.radius_precision, totals.radius_recall,
-         totals.queries_with_relevant) = self._radius_curves(dist, relevant)
-        return totals
-
-    def _radius_curves(self, dist, relevant):
-        """Summed precision/recall of retrieving everything within radius r, r = 0..M."""
-        rows, bins = dist.shape[0], self.bits + 1
-        flat = (dist + (np.arange(rows, dtype=np.int64) * bins)[:, None]).ravel()
-        retrieved = np.bincount(flat, minlength=rows * bins).reshape(rows, bins).cumsum(axis=1)
-        hits = np.bincount(flat, weights=relevant.ravel(), minlength=rows * bins)
-        hits = hits.reshape(rows, bins).cumsum(axis=1)
-        precision = np.where(retrieved > 0, hits / np.maximum(retrieved, 1), 0.0)
-        has_relevant = hits[:, -1] > 0
-        recall = hits[has_relevant] / hits[has_relevant, -1:]
-        return precision.sum(axis=0), recall.sum(axis=0), int(has_relevant.sum())
-
-    def top_k_totals(self) -> _Totals:
-        """AP@top_k of every query from the index's exact top-K (threaded inside the index)."""
-        index = HammingIndex(self.db_codes, backend="numpy")
-        width = 1 if self.query_labels.ndim == 1 else self.query_labels.shape[1]
-        rows = max(1, _TOP_K_ELEMENTS // (self.top_k * width))
-        totals = _Totals()
-        for start in range(0, len(self.query_codes), rows):
-            stop = min(start + rows, len(self.query_codes))
-            _, positions = index.search(self.query_codes[start:stop], self.top_k)
-            ap, count = _average_precision(_relevance_at(self.query_labels[start:stop], self.db_labels, positions))
-            totals.ap_top_k += float(ap[count > 0].sum())
-            totals.queries_top_k += int((count > 0).sum())
-        return totals
-
-    def run(self) -> _Totals:
-        if not self.complete:
-            return self.top_k_totals()
-        totals = _Totals()
-        starts = range(0, len(self.query_codes), self.chunk)
-        workers = min(os.cpu_count() or 1, len(starts))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for part in pool.map(self.chunk_totals, starts):
-                totals.add(part)
-        return totals
+    _check_top_k(top_k)
+    query_codes, db_codes, query_labels, db_labels = _check_inputs(
+        query_codes, db_codes, query_labels, db_labels)
+    top_k = len(db_codes) if top_k is None else min(int(top_k), len(db_codes))
+    index = HammingIndex(db_codes, backend="numpy")
+    width = 1 if query_labels.ndim == 1 else query_labels.shape[1]
+    rows = max(1, _TOP_K_ELEMENTS // (top_k * width))
+    total, counted = 0.0, 0
+    for start in range(0, len(query_codes), rows):
+        stop = min(start + rows, len(query_codes))
+        _, positions = index.search(query_codes[start:stop], top_k)
+        ap, count = _average_precision(_relevance_at(query_labels[start:stop], db_labels, positions))
+        total += float(ap[count > 0].sum())
+        counted += int((count > 0).sum())
+    return total / counted if counted else 0.0
 
 
 def code_statistics(codes) -> dict:
-    """Health of a code set, 0/1 uint8 [n, M] -> {"bit_balance", "distinct_codes"}.
+    """Health of a code set, 0/1 uint8 [n, M] -> bit balance (mean and worst bit) and distinct codes.
 
-    bit_balance = 1 - 2 * mean_k |P(b_k = 1) - 1/2|: 1 when every bit splits the
-    set in half, 0 when every bit is constant. Collapsed codes (few distinct
-    codes) inflate mAP@K under index tie-breaking, so both belong next to it.
+    Balance of bit k is 1 - 2 |P(b_k = 1) - 1/2|: 1 when the bit splits the
+    set in half, 0 when it is constant. "bit_balance" is its mean over bits,
+    "min_bit_balance" its minimum.
     """
     codes = check_bits(codes)
-    return {"bit_balance": 1.0 - 2.0 * float(np.abs(codes.mean(axis=0) - 0.5).mean()),
+    balance = 1.0 - 2.0 * np.abs(codes.mean(axis=0) - 0.5)
+    return {"bit_balance": float(balance.mean()), "min_bit_balance": float(balance.min()),
             "distinct_codes": int(len(np.unique(pack_codes(codes), axis=0)))}
 
 
-def _mean(total: float, count: int) -> float:
-    return float(total / count) if count else 0.0
-
-
-def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=1000) -> float:
-    """mAP@top_k of Hamming ranking; `top_k=None` ranks the whole database.
-
-    Args:
-      query_codes: 0/1 uint8 [q, M].
-      db_codes: 0/1 uint8 [n, M].
-      query_labels, db_labels: class ids [q] / [n] or multi-hot [q, C] / [n, C].
-      top_k: ranking depth K, or None for the full ranking.
-    """
-    totals = _Evaluator(query_codes, db_codes, query_labels, db_labels, top_k,
-                        complete=False).run()
-    return _mean(totals.ap_top_k, totals.queries_top_k)
-
-
 def evaluate_codes(query_codes, db_codes, query_labels, db_labels, top_k=1000,
-                   curves=False) -> dict:
-    """All retrieval metrics of one query set against one database.
+                   curves=False, index_ties=False) -> dict:
+    """All retrieval metrics of one query set against one database, tie-aware.
 
     Returns a dict with "map@{top_k}", "map" (full ranking) and "precision@r2"
     (mean precision of the items within Hamming radius 2, 0 for queries that
-    retrieve nothing). With `curves=True` it also holds "pr_curve" (precision
-    and recall of retrieving everything within radius r, r = 0..M, recall
-    averaged over queries with a relevant item) and "precision_at_n"
-    ({N: precision of the top N}).
+    retrieve nothing). With `curves=True` it also holds "pr_curve" (see
+    `radius_curves`) and "precision_at_n" ({N: expected precision of the top
+    N}). With `index_ties=True` it adds "map@{top_k}_index_ties", the older
+    protocol (`mean_average_precision_index_ties`).
     """
-    evaluator = _Evaluator(query_codes, db_codes, query_labels, db_labels, top_k, complete=True)
-    totals = evaluator.run()
-    queries = len(evaluator.query_codes)
-    precision = totals.radius_precision / queries
+    _check_top_k(top_k)
+    histograms = distance_histograms(query_codes, db_codes, query_labels, db_labels)
+    bits = histograms.counts.shape[1] - 1
+    radius = radius_curves(histograms)
     metrics = {
-        f"map@{top_k}": _mean(totals.ap_top_k, totals.queries_top_k),
-        "map": _mean(totals.ap_full, totals.queries_full),
-        "precision@r2": float(precision[min(2, evaluator.bits)]),
+        f"map@{top_k}": float(tie_aware_average_precision(histograms, top_k).mean()),
+        "map": float(tie_aware_average_precision(histograms, None).mean()),
+        "precision@r2": float(radius["precision"][min(2, bits)]),
     }
+    if index_ties:
+        metrics[f"map@{top_k}_index_ties"] = mean_average_precision_index_ties(
+            query_codes, db_codes, query_labels, db_labels, top_k)
     if curves:
-        metrics["pr_curve"] = {
-            "radius": list(range(evaluator.bits + 1)),
-            "precision": precision.tolist(),
-            "recall": (totals.radius_recall / max(totals.queries_with_relevant, 1)).tolist(),
-        }
-        metrics["precision_at_n"] = {
-            int(n): float(p / queries) for n, p in zip(evaluator.ns, totals.precision_at_n)}
+        ns = [v for v in PRECISION_AT_N if v <= histograms.database_size]
+        metrics["pr_curve"] = radius
+        metrics["precision_at_n"] = dict(zip(ns, tie_aware_precision_at(histograms, ns).mean(axis=0).tolist()))
     return metrics

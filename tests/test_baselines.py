@@ -213,9 +213,11 @@ def test_cli_writes_json_with_documented_schema(tiny_npz, tmp_path):
     for method, per_bits in results.items():
         assert list(per_bits) == ["4", "8"]
         for metrics in per_bits.values():
-            assert set(metrics) == {"map@1000", "map", "precision@r2", "fit_seconds"}
-            assert all(isinstance(v, float) for v in metrics.values())
+            assert set(metrics) == {"map@1000", "map", "precision@r2", "map@1000_index_ties", "bit_balance",
+                                    "min_bit_balance", "distinct_codes", "fit_seconds"}
+            assert all(isinstance(v, (int, float)) for v in metrics.values())
             assert 0.25 < metrics["map@1000"] <= 1.0 and metrics["fit_seconds"] >= 0.0
+            assert 0.0 <= metrics["min_bit_balance"] <= metrics["bit_balance"] <= 1.0
         assert f"| {method} |" in result.stdout
     assert result.stderr.count("bits: mAP@1000") == 2 * len(BASELINES)
 
