@@ -35,8 +35,8 @@ from tbhvae.baselines import QUERY_SETS, select_queries  # noqa: E402
 from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
 
 DEFAULT_STEPS = "1000,2000,5000,10000,20000"
-POINT_KEYS = ("map@1000", "map", "precision@r2", "bit_balance", "distinct_codes", "train_seconds",
-              "examples_per_second")
+POINT_KEYS = ("map@1000", "map@1000_index_ties", "map", "precision@r2", "bit_balance", "min_bit_balance",
+              "distinct_codes", "train_seconds", "examples_per_second")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -82,8 +82,9 @@ def run_milestones(args: argparse.Namespace, feature_set: FeatureSet, features: 
         if previous is not None and previous.replace(steps=steps, checkpoint_every=config.checkpoint_every) != config:
             raise BenchError(f"{run_dir} holds a run with another config (other --set, --queries or features); "
                              f"pass another --workdir or remove it")
-        if saved.is_file():
-            metrics, how = json.loads(saved.read_text()), "reused"
+        metrics = json.loads(saved.read_text()) if saved.is_file() else {}
+        if "map@1000_index_ties" in metrics:  # metrics without it predate the tie-aware metric
+            how = "reused"
         else:
             with quiet_keras():
                 metrics = training.train(config, run_dir, feature_set=feature_set)

@@ -8,9 +8,12 @@ Sections (--sections, all by default):
               [400, 1280] x [1280, 1024] product timed right before each run (and
               at the start and end of the benchmark); the model cost is counted
               analytically from the config (training_flops_per_example).
-  evaluation  seconds of the q10k protocol (10,000 queries x 50,000 codes) on
-              random codes at 16/32/64 bits: mean_average_precision (top 1000) and
-              evaluate_codes (full ranking, curves).
+  evaluation  seconds of the q10k protocol (10,000 queries x 50,000 codes, 10
+              classes) on random codes at 16/32/64 bits, in the same run: the old
+              index-ties mAP@1000 (mean_average_precision_index_ties), the tie-aware
+              mean_average_precision (top 1000) and evaluate_codes (full ranking,
+              curves); best of --eval_repeats interleaved repetitions, with the
+              ratio tie-aware / index-ties per code length.
   encoders    latency (batch 1, median ms) and throughput (rows/s) of a trained
               TBH encoder as Keras, SavedModel and TFLite (float32, float16,
               dynamic-range, int8) via tbhvae.serving.
@@ -47,6 +50,11 @@ MODELS = {"tbh": "cifar10_tbh.py", "tbhvae": "cifar10_tbhvae.py"}
 MATMUL_SHAPE = (400, 1280, 1024)  # [m, k] x [k, n]
 TRAIN_BITS, TRAIN_BATCH = 32, 400
 EVAL_QUERIES, EVAL_DATABASE, EVAL_CLASSES = 10_000, 50_000, 10
+EVAL_TOP_K = 1000
+# evaluate_codes (q10k, curves=True) before the tie-aware metric, when it sorted the whole
+# database per query: bench/results/speed_deploy.json, recorded before commit 686e408.
+EVALUATE_CODES_SECONDS_BEFORE = {16: 12.69, 32: 12.05, 64: 11.65}
+MAP_RATIO_TARGET = 1.5  # issue 11: tie-aware mAP@1000 at 64 bits within 1.5x of the index-ties path
 SYNTHETIC_ROWS = (50_000, 10_000, 1280)  # train, test, dim when no feature file is found
 
 
@@ -180,10 +188,21 @@ def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[lis
 
 
 # ------------------------------------------------------------------ evaluation
-def evaluation_rows(bits_list: list[int], queries: int, database: int) -> list[dict]:
-    """Wall seconds of mean_average_precision(top_k=1000) and evaluate_codes on random codes."""
-    from tbhvae.evaluation import evaluate_codes, mean_average_precision
+def evaluation_rows(bits_list: list[int], queries: int, database: int, repeats: int = 3) -> list[dict]:
+    """Wall seconds of the old and new mAP@1000 and of evaluate_codes on random codes.
 
+    Per code length, each repetition times, in this order, the index-ties
+    protocol (`mean_average_precision_index_ties`), the tie-aware
+    `mean_average_precision` and `evaluate_codes(curves=True)`, so machine load
+    hits all three alike; a row holds the best of `repeats` and every sample.
+    """
+    from tbhvae.evaluation import evaluate_codes, mean_average_precision, mean_average_precision_index_ties
+
+    paths = {
+        "map@1000_index_ties": lambda *a: mean_average_precision_index_ties(*a, top_k=EVAL_TOP_K),
+        "map@1000": lambda *a: mean_average_precision(*a, top_k=EVAL_TOP_K),
+        "evaluate_codes": lambda *a: evaluate_codes(*a, top_k=EVAL_TOP_K, curves=True),
+    }
     rng = np.random.default_rng(0)
     query_labels = rng.integers(0, EVAL_CLASSES, queries)
     db_labels = rng.integers(0, EVAL_CLASSES, database)
@@ -191,16 +210,34 @@ def evaluation_rows(bits_list: list[int], queries: int, database: int) -> list[d
     for bits in bits_list:
         query_codes = rng.integers(0, 2, (queries, bits), dtype=np.uint8)
         db_codes = rng.integers(0, 2, (database, bits), dtype=np.uint8)
-        start = time.perf_counter()
-        mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=1000)
-        map_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        evaluate_codes(query_codes, db_codes, query_labels, db_labels, top_k=1000, curves=True)
-        full_seconds = time.perf_counter() - start
-        rows.append({"bits": bits, "queries": queries, "database": database,
-                     "map@1000_seconds": map_seconds, "evaluate_codes_seconds": full_seconds})
-        _progress(f"evaluation {bits} bits, {queries} x {database}: mAP@1000 {map_seconds:.1f} s, "
-                  f"evaluate_codes {full_seconds:.1f} s")
+        args = (query_codes, db_codes, query_labels, db_labels)
+        samples = {name: [] for name in paths}
+        values = {}
+        for _ in range(repeats):
+            for name, path in paths.items():
+                gc.collect()
+                start = time.perf_counter()
+                value = path(*args)
+                samples[name].append(time.perf_counter() - start)
+                values[name] = value if name != "evaluate_codes" else value[f"map@{EVAL_TOP_K}"]
+        best = {name: min(times) for name, times in samples.items()}
+        row = {"bits": bits, "queries": queries, "database": database, "classes": EVAL_CLASSES,
+               "repeats": repeats,
+               "map@1000_index_ties_seconds": best["map@1000_index_ties"],
+               "map@1000_seconds": best["map@1000"],
+               "map@1000_ratio": best["map@1000"] / best["map@1000_index_ties"],
+               "evaluate_codes_seconds": best["evaluate_codes"],
+               "samples_seconds": samples,
+               "map@1000_index_ties": values["map@1000_index_ties"], "map@1000": values["map@1000"]}
+        if queries == EVAL_QUERIES and database == EVAL_DATABASE and bits in EVALUATE_CODES_SECONDS_BEFORE:
+            before = EVALUATE_CODES_SECONDS_BEFORE[bits]
+            row["evaluate_codes_seconds_before"] = before
+            row["evaluate_codes_ratio_to_before"] = best["evaluate_codes"] / before
+        rows.append(row)
+        _progress(f"evaluation {bits} bits, {queries} x {database}: mAP@1000 index ties "
+                  f"{row['map@1000_index_ties_seconds']:.2f} s, tie-aware {row['map@1000_seconds']:.2f} s "
+                  f"(x{row['map@1000_ratio']:.2f}), evaluate_codes {row['evaluate_codes_seconds']:.2f} s "
+                  f"(best of {repeats})")
     return rows
 
 
@@ -270,8 +307,13 @@ def print_report(report: dict) -> None:
             ("roofline_examples_per_second", "{:.0f}"), ("roofline_fraction", "{:.1%}"), ("note", "{}")]) + "\n")
     if report.get("evaluation"):
         print(_markdown(report["evaluation"], [
-            ("bits", "{}"), ("queries", "{}"), ("database", "{}"), ("map@1000_seconds", "{:.2f}"),
-            ("evaluate_codes_seconds", "{:.2f}")]) + "\n")
+            ("bits", "{}"), ("queries", "{}"), ("database", "{}"), ("map@1000_index_ties_seconds", "{:.2f}"),
+            ("map@1000_seconds", "{:.2f}"), ("map@1000_ratio", "{:.2f}"), ("evaluate_codes_seconds", "{:.2f}"),
+            ("evaluate_codes_seconds_before", "{:.2f}")]))
+        print(f"seconds: best of {report['evaluation'][0]['repeats']} interleaved repetitions; "
+              f"map@1000_ratio = tie-aware / index ties (target <= {MAP_RATIO_TARGET} at 64 bits); "
+              f"evaluate_codes_seconds_before: the full-sort evaluate_codes, "
+              f"bench/results/speed_deploy.json (another run, Intel host: compare on one machine only)\n")
     if report.get("encoders"):
         print(_markdown(report["encoders"], [
             ("encoder", "{}"), ("latency_ms", "{:.3f}"), ("rows_per_second", "{:.0f}"), ("note", "{}")]) + "\n")
@@ -291,6 +333,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 100 training steps, q1k-sized evaluation at 32 bits, float32 TFLite "
                              "only, index up to 10^5 codes")
+    parser.add_argument("--eval_repeats", type=int, default=None,
+                        help="interleaved repetitions per evaluation path, best kept (default 3; --quick: 2)")
     parser.add_argument("--json", default="bench_speed.json", help="output JSON (default: %(default)s)")
     parser.add_argument("--plots", default=None, help="directory for the index PNG (default: next to --json)")
     parser.add_argument("--workdir", default=None, help="run/export directory (default: a temporary one)")
@@ -301,6 +345,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise BenchError(f"--sections: unknown {', '.join(unknown) or '(none given)'}; "
                          f"choose from {','.join(SECTIONS)}")
     args.steps = args.steps or (100 if args.quick else 400)
+    if args.eval_repeats is None:
+        args.eval_repeats = 2 if args.quick else 3
+    if args.eval_repeats < 1:
+        raise BenchError(f"--eval_repeats: need at least 1, got {args.eval_repeats}")
     if args.steps < 2:
         raise BenchError(f"--steps: need at least 2 (the first execution compiles), got {args.steps}")
     return args
@@ -321,7 +369,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         report["training"], run_dirs = training_rows(feature_set, args.steps, workdir / "training", mirrored)
     if "evaluation" in args.sections:
         queries = EVAL_QUERIES // 10 if args.quick else EVAL_QUERIES
-        report["evaluation"] = evaluation_rows([32] if args.quick else [16, 32, 64], queries, EVAL_DATABASE)
+        report["evaluation"] = evaluation_rows([32] if args.quick else [16, 32, 64], queries, EVAL_DATABASE,
+                                               repeats=args.eval_repeats)
     if "encoders" in args.sections:
         run_dir = run_dirs.get("tbh")
         if run_dir is None:  # no training section: a short TBH run to export

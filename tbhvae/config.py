@@ -43,29 +43,40 @@ class Config:
     binary_bottleneck: str = "adversarial"  # one of BINARY_BOTTLENECKS
     continuous_bottleneck: str = "adversarial"  # one of CONTINUOUS_BOTTLENECKS
     binary_threshold: str = "fixed"  # "fixed" eps=0.5 (reference code) | "uniform" eps~U(0,1) (paper)
-    binary_sampling: str = "straight_through"  # "straight_through" | "relaxed" (Concrete)
-    relaxed_temperature: float = 0.5
     continuous_activation: str = "sigmoid"  # TBH's z activation: "sigmoid" | "linear"
     graph_exponent: float = 1.4  # gamma in A = (1 - d_H/M)^gamma (1.4 code, 1.0 paper)
     decoder_activation: str = "relu"  # "relu" (reference) | "linear"
     discriminator: str = "linear"  # "linear" single Dense (reference) | "mlp"
     discriminator_hidden: int = 256
     # --- objectives ---------------------------------------------------------
-    reconstruction: str = "sum"  # "sum" = l2_loss over the batch (reference) | "mean"
+    reconstruction: str = "sum"  # "sum" = l2_loss over the batch (reference) | "mean" per element
+    reconstruction_weight: float = 1.0  # multiplies the reconstruction loss (models without GECO)
     adversarial_weight: float = 1.0
-    tc_alpha: float = 1.0  # index-code mutual information weight
-    tc_beta: float = 6.0  # total correlation weight
+    # beta-TCVAE penalty alpha*MI + beta*max(0, TC - floor) + gamma*DWKL. alpha = 0 and beta = gamma
+    # (the aggregate KL(q(b) || p(b)), InfoVAE-like) with the floor hinged is the setting whose
+    # minimum is balanced, independent bits; the paper's (1, 6, 1) without the hinge rewards fewer bits.
+    tc_alpha: float = 0.0  # index-code mutual information weight
+    tc_beta: float = 1.0  # total correlation weight
     tc_gamma: float = 1.0  # dimension-wise KL weight
+    tc_hinge: bool = True  # subtract the TC of ideal codes, max(0, M log 2 - log N), and clip at 0
     tc_estimator: str = "mss"  # "mws" minibatch-weighted | "mss" minibatch-stratified
+    tc_marginals: str = "batch_mean"  # q(b_k): "batch_mean" Bernoulli(mean p) | "estimator" like q(b)
     binary_kl_weight: float = 1.0  # overall weight of the beta-TCVAE terms
+    similarity_weight: float = 0.0  # pairwise code-similarity term as a likelihood, x (B - 1) M / 2 (0 = off)
+    similarity_target: str = "cosine"  # "cosine" centred cosine | "anchor" max(anchor graph, cosine)
+    similarity_scale: float = 2.0  # target = clip(scale * centred cosine, -1, 1)
+    anchors: int = 300  # anchor-graph target: k-means anchors (AGH's default)
+    nearest_anchors: int = 2  # anchor-graph target: anchors per row (AGH's default)
+    decorrelation_weight: float = 0.0  # weight of the bits' batch decorrelation term on 2b - 1 (0 = off)
     geco_kappa: float = 0.0  # reconstruction tolerance (feature units, RMSE); 0 = calibrate
     geco_calibration_steps: int = 200  # steps of the warm-up that calibrates kappa
     geco_kappa_factor: float = 0.9  # calibrated kappa = factor * warm-up RMSE
     geco_alpha: float = 0.99  # moving-average factor of the constraint
-    geco_rate: float = 1.0  # nu: log(lambda) += nu * C_ma per step (C in feature units^2)
+    geco_rate: float = 0.01  # nu: log(lambda) += nu * C_ma per step, C = MSE / kappa^2 - 1 (relative)
+    geco_max_log_step: float = 0.05  # bound on |change of log(lambda)| per step
     geco_warmup: int = 200  # steps before lambda updates start (>= calibration steps)
-    geco_log_lambda_init: float = 7.0  # lambda ~ 1100: squared error summed over ~1000 dims
-    geco_log_lambda_max: float = 15.0  # clip of log(lambda), both signs
+    geco_log_lambda_offset: float = 0.0  # log(lambda_init) = log(D / 2) + offset (D/2: Gaussian likelihood)
+    geco_log_lambda_range: float = 7.0  # log(lambda) stays within log(lambda_init) +- range
     # --- optimisation -------------------------------------------------------
     batch_size: int = 400  # global batch (all replicas)
     steps: int = 5000
@@ -91,35 +102,40 @@ class Config:
         _choice(self, "binary_bottleneck", BINARY_BOTTLENECKS)
         _choice(self, "continuous_bottleneck", CONTINUOUS_BOTTLENECKS)
         _choice(self, "binary_threshold", ("fixed", "uniform"))
-        _choice(self, "binary_sampling", ("straight_through", "relaxed"))
         _choice(self, "continuous_activation", ("sigmoid", "linear"))
         _choice(self, "decoder_activation", ("relu", "linear"))
         _choice(self, "discriminator", ("linear", "mlp"))
         _choice(self, "reconstruction", ("sum", "mean"))
         _choice(self, "tc_estimator", ("mws", "mss"))
+        _choice(self, "tc_marginals", ("estimator", "batch_mean"))
+        _choice(self, "similarity_target", ("cosine", "anchor"))
         _choice(self, "input_scaling", ("none", "standardize", "l2"))
         _choice(self, "mixed_precision", ("float32", "mixed_float16", "mixed_bfloat16"))
         _choice(self, "final_eval_queries", ("all", "per_class_100"))
         for key in ("bits", "continuous_dim", "hidden_dim", "batch_size", "steps",
                     "steps_per_execution", "log_every", "checkpoint_every", "eval_queries",
-                    "checkpoints_to_keep"):
+                    "checkpoints_to_keep", "anchors", "nearest_anchors"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
-        for key in ("learning_rate", "critic_learning_rate", "relaxed_temperature", "geco_rate"):
+        for key in ("learning_rate", "critic_learning_rate", "geco_rate", "geco_max_log_step",
+                    "geco_log_lambda_range", "similarity_scale"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
         if not 0 <= self.geco_alpha < 1:
             raise ConfigError(f"config key 'geco_alpha' must be in [0, 1), got {self.geco_alpha}")
+        for key in ("similarity_weight", "decorrelation_weight", "reconstruction_weight", "binary_kl_weight",
+                    "adversarial_weight", "tc_alpha", "tc_beta", "tc_gamma"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
+        if self.nearest_anchors > self.anchors:
+            raise ConfigError(f"config key 'nearest_anchors' must be <= anchors ({self.anchors}), "
+                              f"got {self.nearest_anchors}")
         if self.eval_every < 0:
             raise ConfigError(f"config key 'eval_every' must be >= 0, got {self.eval_every}")
         if self.geco_kappa == 0 and self.geco_warmup < self.geco_calibration_steps:
             raise ConfigError("config key 'geco_warmup' must be >= 'geco_calibration_steps' when "
                               "kappa is calibrated (geco_kappa=0)")
         return self
-
-    @property
-    def uses_adversary(self) -> bool:
-        return "adversarial" in (self.binary_bottleneck, self.continuous_bottleneck)
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes).validate()
@@ -205,16 +221,16 @@ def load_config(path: str | os.PathLike) -> Config:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except TypeError as err:  # Config(unknown_key=...) in the file
-        raise ConfigError(f"{path}: {err}") from None
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path}: a config file must define get_config() -> tbhvae.config.Config")
-    try:
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path}: a config file must define get_config() -> tbhvae.config.Config")
         config = module.get_config()
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as err:  # e.g. Config(unknown_key=...) or a bad value
-        if isinstance(err, ConfigError):
-            raise
         raise ConfigError(f"{path}: {err}") from None
+    except SystemExit as err:  # sys.exit() in the file must not end the program as if it had succeeded
+        raise ConfigError(f"{path}: exits (SystemExit {err.code!r}) instead of returning a Config "
+                          f"from get_config()") from None
     if not isinstance(config, Config):
         raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, not Config")
     return config.validate()

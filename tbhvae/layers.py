@@ -93,6 +93,64 @@ class InputScaling(keras.layers.Layer):
         return (features - tf.cast(self.shift, features.dtype)) * tf.cast(self.scale, features.dtype)
 
 
+class AnchorGraph(keras.layers.Layer):
+    """Anchor-graph similarity of a batch (Liu et al., "Hashing with Graphs", ICML 2011).
+
+    Each row x gets affinities z(x) [anchors] to its `nearest` nearest of
+    `anchors` k-means centres (Gaussian kernel, normalised to sum 1, as in
+    `tbhvae.baselines.AGH`, which fits the centres); the graph between two rows
+    is z(x_i) L^-1 z(x_j) with L the anchors' degrees over the training set.
+    `similarity` rescales it by its diagonal to [0, 1]: 1 for rows with the same
+    anchors, 0 for rows that share none. The defaults (300 anchors, 2 nearest)
+    are AGH's and do not depend on the feature dimension.
+    """
+
+    def __init__(self, anchors: int, nearest: int, dim: int, **kwargs):
+        super().__init__(dtype="float32", **kwargs)
+        self.nearest = nearest
+        constant = dict(trainable=False)
+        self.centres = self.add_weight(shape=(anchors, dim), initializer="zeros", name="centres", **constant)
+        self.inverse_bandwidth = self.add_weight(shape=(), initializer="ones", name="inverse_bandwidth", **constant)
+        self.inverse_degrees = self.add_weight(shape=(anchors,), initializer="ones", name="inverse_degrees",
+                                               **constant)
+
+    def adapt(self, features, seed: int) -> None:
+        """Fits the anchors on training rows float [N, D] (numpy, already input-scaled)."""
+        from tbhvae.baselines import AGH
+        agh = AGH(bits=1, seed=seed, anchors=self.centres.shape[0], nearest_anchors=self.nearest)
+        agh.fit(features)
+        self.centres.assign(agh.anchors_)
+        self.inverse_bandwidth.assign(1.0 / max(agh.bandwidth_, 1e-12) ** 2)
+        degrees = sum(tf.reduce_sum(self.affinity(tf.constant(features[i:i + 8192], tf.float32)), axis=0)
+                      for i in range(0, len(features), 8192))
+        self.inverse_degrees.assign(1.0 / tf.maximum(degrees, 1e-6))
+
+    def affinity(self, features):
+        """z(x): float [B, D] -> [B, anchors], `nearest` non-zeros per row summing to 1."""
+        features = tf.cast(features, tf.float32)
+        centres = tf.convert_to_tensor(self.centres)
+        squared = (tf.reduce_sum(tf.square(features), axis=1, keepdims=True)
+                   - 2.0 * tf.matmul(features, centres, transpose_b=True)
+                   + tf.reduce_sum(tf.square(centres), axis=1)[None, :])
+        negative, nearest = tf.math.top_k(-squared, self.nearest)
+        weights = tf.nn.softmax(negative * self.inverse_bandwidth, axis=1)
+        return tf.reduce_sum(tf.one_hot(nearest, tf.shape(centres)[0]) * weights[:, :, None], axis=1)
+
+    def similarity(self, features):
+        """Normalised anchor-graph similarity of a batch: float [B, D] -> [B, B] in [0, 1]."""
+        z = self.affinity(features)
+        graph = tf.matmul(z * self.inverse_degrees, z, transpose_b=True)
+        inv_sqrt_diagonal = tf.math.rsqrt(tf.linalg.diag_part(graph) + DEGREE_EPSILON)
+        return inv_sqrt_diagonal[:, None] * graph * inv_sqrt_diagonal[None, :]
+
+
+def centred_cosine_similarity(features):
+    """Cosine similarity of the batch's rows after removing the batch mean: [B, D] -> [B, B] in [-1, 1]."""
+    features = tf.cast(features, tf.float32)
+    centred = tf.math.l2_normalize(features - tf.reduce_mean(features, axis=0, keepdims=True), axis=1)
+    return tf.matmul(centred, centred, transpose_b=True)
+
+
 class Discriminator(keras.layers.Layer):
     """Real-vs-encoded critic returning logits [B, 1]: one Dense, or a small MLP."""
 

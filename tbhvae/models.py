@@ -28,7 +28,7 @@ class Forward:
 
     target: tf.Tensor  # scaled input features [B, D]
     logits: tf.Tensor  # binary logits [B, M]
-    codes: tf.Tensor  # sampled codes [B, M] (0/1, or relaxed in (0, 1))
+    codes: tf.Tensor  # sampled 0/1 codes [B, M] (thresholded at 0.5 when not training)
     z: tf.Tensor  # continuous code fed to the graph [B, C]
     z_mean: tf.Tensor | None  # Gaussian posterior mean [B, C] (geco_vae only)
     z_scale: tf.Tensor | None  # Gaussian posterior scale [B, C] (geco_vae only)
@@ -39,17 +39,23 @@ class Forward:
 class Geco(keras.layers.Layer):
     """GECO state (Rezende & Viola 2018): Lagrange multiplier and constraint average.
 
-    Variables are non-trainable with "mean" aggregation; they are only
-    assigned values that are already identical on every replica.
+    The constraint is relative, C = MSE / kappa^2 - 1 (0 when the error meets
+    the tolerance), so nu and the bounds mean the same for any feature scale.
+    lambda starts at D / 2, the weight that makes lambda * MSE / kappa^2 the
+    Gaussian log-likelihood (std kappa) of a D-dimensional reconstruction, and
+    stays within e^(+-range) of it. Variables are non-trainable with "mean"
+    aggregation and are only assigned values identical on every replica.
     """
 
-    def __init__(self, config: Config, **kwargs):
+    def __init__(self, config: Config, input_dim: int, **kwargs):
         super().__init__(dtype="float32", **kwargs)
         self.config = config
+        self.log_lambda_init = float(np.log(input_dim / 2.0) + config.geco_log_lambda_offset)
         scalar = dict(shape=(), trainable=False, aggregation="mean")
         self.log_lambda = self.add_weight(
-            initializer=keras.initializers.Constant(config.geco_log_lambda_init), name="log_lambda", **scalar)
+            initializer=keras.initializers.Constant(self.log_lambda_init), name="log_lambda", **scalar)
         self.constraint_average = self.add_weight(initializer="zeros", name="constraint_average", **scalar)
+        # 0 until calibrated (geco_kappa = 0): the constraint is then relative to the batch's own MSE
         self.kappa_squared = self.add_weight(
             initializer=keras.initializers.Constant(config.geco_kappa ** 2), name="kappa_squared", **scalar)
         self.calibration_sum = self.add_weight(initializer="zeros", name="calibration_sum", **scalar)
@@ -58,32 +64,35 @@ class Geco(keras.layers.Layer):
     def multiplier(self):
         return tf.exp(tf.convert_to_tensor(self.log_lambda))
 
-    def constraint(self, mse):
-        """C = MSE - kappa^2 (feature units^2), with the value/gradient trick of GECO.
+    def _tolerance(self, mse):
+        kappa_squared = tf.convert_to_tensor(self.kappa_squared)
+        return tf.where(kappa_squared > 0.0, kappa_squared, tf.stop_gradient(mse))
 
-        Returns (C_hat, C): C_hat has C's gradient and C_ma's value once the
-        moving average has started.
+    def constraint(self, mse):
+        """C = MSE / kappa^2 - 1, with the value/gradient trick of GECO.
+
+        Returns (C_hat, C): C_hat has C's gradient and C_ma's value.
         """
-        constraint = mse - tf.convert_to_tensor(self.kappa_squared)
+        constraint = mse / self._tolerance(mse) - 1.0
         average = tf.convert_to_tensor(self.constraint_average)
         return constraint + tf.stop_gradient(average - constraint), constraint
 
     def update(self, step, global_mse):
-        """One GECO update from the all-reduced MSE of this step (same on every replica)."""
+        """One GECO update from the all-reduced MSE of step `step` (read before the optimiser step)."""
         config = self.config
         step = tf.cast(step, tf.float32)
         if config.geco_kappa == 0.0:
             calibrating = step < config.geco_calibration_steps
             self.calibration_sum.assign_add(tf.where(calibrating, global_mse, 0.0))
-            calibrated = config.geco_kappa_factor ** 2 * self.calibration_sum / config.geco_calibration_steps
-            self.kappa_squared.assign(tf.where(
-                step + 1 >= config.geco_calibration_steps, calibrated, tf.convert_to_tensor(self.kappa_squared)))
-        constraint = tf.stop_gradient(global_mse) - self.kappa_squared
+            seen = tf.minimum(step + 1.0, float(config.geco_calibration_steps))
+            self.kappa_squared.assign(config.geco_kappa_factor ** 2 * self.calibration_sum / seen)
+        constraint = tf.stop_gradient(global_mse) / self._tolerance(global_mse) - 1.0
         average = tf.where(step < config.geco_warmup, constraint,
                            config.geco_alpha * self.constraint_average + (1.0 - config.geco_alpha) * constraint)
         self.constraint_average.assign(average)
-        log_lambda = tf.clip_by_value(self.log_lambda + config.geco_rate * average,
-                                      -config.geco_log_lambda_max, config.geco_log_lambda_max)
+        change = tf.clip_by_value(config.geco_rate * average, -config.geco_max_log_step, config.geco_max_log_step)
+        log_lambda = tf.clip_by_value(self.log_lambda + change, self.log_lambda_init - config.geco_log_lambda_range,
+                                      self.log_lambda_init + config.geco_log_lambda_range)
         self.log_lambda.assign(tf.where(step >= config.geco_warmup, log_lambda,
                                         tf.convert_to_tensor(self.log_lambda)))
 
@@ -95,8 +104,12 @@ class TwinBottleneckHashing(keras.Model):
     Training runs through `train_step` (custom, distribution-aware).
     """
 
-    def __init__(self, config: Config, input_dim: int, dataset_size: int = 1, **kwargs):
+    def __init__(self, config: Config, input_dim: int, dataset_size: int, **kwargs):
         super().__init__(name=kwargs.pop("name", config.name), **kwargs)
+        if config.binary_bottleneck == "betatcvae" and config.tc_estimator == "mss" and \
+                dataset_size < config.batch_size:
+            raise ValueError(f"the MSS estimator needs dataset_size >= batch_size ({config.batch_size}), "
+                             f"got {dataset_size}; use a smaller batch or tc_estimator='mws'")
         self.config = config
         self.input_dim = input_dim
         self.dataset_size = dataset_size
@@ -118,12 +131,27 @@ class TwinBottleneckHashing(keras.Model):
         self.continuous_critic = (tbh_layers.Discriminator(config.discriminator, config.discriminator_hidden,
                                                            name="continuous_critic")
                                   if config.continuous_bottleneck == "adversarial" else None)
-        self.geco = Geco(config, name="geco") if vae else None
+        self.geco = Geco(config, input_dim, name="geco") if vae else None
+        self.anchor_graph = (tbh_layers.AnchorGraph(config.anchors, config.nearest_anchors, input_dim,
+                                                    name="anchor_graph")
+                             if config.similarity_weight > 0 and config.similarity_target == "anchor" else None)
         self.term_trackers = {}
         self.actor_optimizer = None
         self.critic_optimizer = None
 
     # ------------------------------------------------------------------ build
+    def adapt(self, features: np.ndarray) -> None:
+        """Sets the constants derived from the training features float [N, D] (numpy).
+
+        The input scaling's statistics and, with the anchor-graph target, the
+        anchors (fitted on the scaled features); checkpoints hold both.
+        """
+        self.input_scaling.adapt(features)
+        if self.anchor_graph is not None:
+            scaled = np.concatenate([self.input_scaling(features[i:i + 8192]).numpy()
+                                     for i in range(0, len(features), 8192)])
+            self.anchor_graph.adapt(scaled, self.config.seed)
+
     def build_all(self) -> None:
         """Creates every variable (model and optimisers), e.g. before restoring a checkpoint."""
         if not self.built:
@@ -166,6 +194,10 @@ class TwinBottleneckHashing(keras.Model):
             names += ["mutual_information", "total_correlation", "dimensionwise_kl", "binary_kl"]
         if self.geco is not None:
             names += ["continuous_kl", "geco_constraint"]
+        if self.config.similarity_weight > 0:
+            names += ["similarity"]
+        if self.config.decorrelation_weight > 0:
+            names += ["decorrelation"]
         names += ["bit_mean"]
         self.term_trackers = {n: keras.metrics.Mean(name=n) for n in names}
 
@@ -192,14 +224,11 @@ class TwinBottleneckHashing(keras.Model):
         target = self.input_scaling(features)
         hidden = self.encoder_hidden(target)
         logits = tf.cast(self.binary_head(hidden), tf.float32)
-        if config.binary_sampling == "relaxed":
-            codes = tfd.RelaxedBernoulli(config.relaxed_temperature, logits=logits).sample(seed=seeds[0])
+        if config.binary_threshold == "uniform" and training:
+            threshold = tf.random.stateless_uniform(tf.shape(logits), seed=seeds[0])
         else:
-            if config.binary_threshold == "uniform":
-                threshold = tf.random.stateless_uniform(tf.shape(logits), seed=seeds[0])
-            else:
-                threshold = tf.fill(tf.shape(logits), 0.5)
-            codes, _ = tbh_layers.stochastic_binary(logits, threshold)
+            threshold = tf.fill(tf.shape(logits), 0.5)
+        codes, _ = tbh_layers.stochastic_binary(logits, threshold)
         continuous = self.continuous_head(hidden)
         z_mean = z_scale = None
         if self.geco is not None:
@@ -249,25 +278,55 @@ class TwinBottleneckHashing(keras.Model):
             actor -= config.adversarial_weight * adv
             critic += adv
         if config.binary_bottleneck == "betatcvae":
-            tc = objectives.tc_decomposition(out.codes, out.logits, self.dataset_size, config.tc_estimator)
+            tc = objectives.tc_decomposition(out.codes, out.logits, self.dataset_size, config.tc_estimator,
+                                             config.tc_marginals)
             terms.update(mutual_information=tc["mutual_information"], total_correlation=tc["total_correlation"],
                          dimensionwise_kl=tc["dimensionwise_kl"], binary_kl=tc["kl"])
-            actor += config.binary_kl_weight * (config.tc_alpha * tc["mutual_information"]
-                                                + config.tc_beta * tc["total_correlation"]
-                                                + config.tc_gamma * tc["dimensionwise_kl"])
+            support = self.dataset_size if config.tc_estimator == "mss" else tf.shape(out.codes)[0]
+            floor = objectives.tc_floor(config.bits, support) if config.tc_hinge else 0.0
+            actor += config.binary_kl_weight * objectives.binary_regularizer(
+                tc, config.tc_alpha, config.tc_beta, config.tc_gamma, floor)
+        if config.similarity_weight > 0:
+            terms["similarity"] = objectives.pairwise_similarity_loss(tf.tanh(out.logits / 2.0),
+                                                                      self.similarity_target(out.target))
+            # As a Gaussian log-likelihood per example: B - 1 pairs, each with the variance 1/M
+            # that the similarity of two random codes has; so the weight means the same for any B, M.
+            pairs = tf.cast(tf.shape(out.logits)[0] - 1, tf.float32)
+            actor += config.similarity_weight * pairs * config.bits / 2.0 * terms["similarity"]
+        if config.decorrelation_weight > 0:
+            terms["decorrelation"] = objectives.decorrelation_loss(2.0 * out.codes - 1.0)
+            actor += config.decorrelation_weight * terms["decorrelation"]
         if self.geco is not None:
             constraint_hat, constraint = self.geco.constraint(terms["mse"])
             terms["continuous_kl"] = objectives.gaussian_kl(out.z_mean, out.z_scale)
             terms["geco_constraint"] = constraint
             actor += tf.stop_gradient(self.geco.multiplier) * constraint_hat + terms["continuous_kl"]
             return actor, 0.0, critic, terms
+        reconstruction = config.reconstruction_weight * terms["reconstruction"]
         if config.reconstruction == "sum":
-            return actor, terms["reconstruction"], critic, terms
-        return actor + terms["reconstruction"], 0.0, critic, terms
+            return actor, reconstruction, critic, terms
+        return actor + reconstruction, 0.0, critic, terms
+
+    def similarity_target(self, target):
+        """Target code similarity T [B, B] of a batch of scaled features [B, D].
+
+        clip(scale * centred cosine, -1, 1); with the anchor graph, the larger
+        of that and the anchor-graph similarity (neighbourhood structure, as in
+        AGH); then shifted so that its off-diagonal mean is 0.
+        """
+        target_similarity = tf.clip_by_value(
+            self.config.similarity_scale * tbh_layers.centred_cosine_similarity(target), -1.0, 1.0)
+        if self.anchor_graph is not None:
+            target_similarity = tf.maximum(target_similarity, self.anchor_graph.similarity(target))
+        # Balanced codes have mean similarity 0 over pairs; a target with a positive mean would
+        # ask for a constant bit, so only its deviations from the mean over pairs are kept.
+        off_diagonal = 1.0 - tf.eye(tf.shape(target_similarity)[0])
+        mean = tf.reduce_sum(target_similarity * off_diagonal) / tf.reduce_sum(off_diagonal)
+        return tf.stop_gradient(target_similarity - mean * off_diagonal)
 
     def train_step(self, features):
         config = self.config
-        step = self.actor_optimizer.iterations
+        step = tf.convert_to_tensor(self.actor_optimizer.iterations)  # this step's index, before apply
         num_replicas = self.distribute_strategy.num_replicas_in_sync
         seed = self._step_seed(step)
         batch = tf.shape(features)[0]

@@ -17,6 +17,7 @@ signature key "serving_default" with the same input and output names.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -222,12 +223,7 @@ def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, back
     for key in sorted(functions, key=lambda k: k != default):  # the first endpoint is also serving_default
         archive.add_endpoint(key, functions[key][0], input_signature=functions[key][1])
 
-    root = Path(base) / name
-    version = next_version(root)
-    final = root / str(version)
-    staging = root / f".{version}.partial-{os.getpid()}"
-    root.mkdir(parents=True, exist_ok=True)
-    try:
+    with new_version(Path(base) / name) as (staging, final):
         archive.write_out(str(staging), verbose=False)
         metadata = {"model_dir": str(run.path.resolve()), "checkpoint": run.checkpoint, "bits": run.config.bits,
                     "input_dim": run.input_dim, "config_name": run.config.name,
@@ -236,11 +232,27 @@ def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, back
                         "name": backbone.name, "weights": backbone.weights, "input_size": backbone.input_size}}
         (staging / METADATA_FILE).parent.mkdir(parents=True, exist_ok=True)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return final
+
+
+@contextlib.contextmanager
+def new_version(root: str | os.PathLike):
+    """Yields (staging, final) for a new version directory `final` = `root/<next version>/`.
+
+    Write into the hidden `staging` (not yet created); when the block ends without
+    an error it is renamed to `final`, so readers never see a half-written version
+    and no earlier version is replaced. On an error it is removed.
+    """
+    root = Path(root)
+    version = next_version(root)
+    staging, final = root / f".{version}.partial-{os.getpid()}", root / str(version)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging, final
         os.rename(staging, final)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    return final
 
 
 def resolve_saved_model(path: str | os.PathLike) -> Path:

@@ -1,12 +1,15 @@
 """Training under tf.distribute: strategy, input pipeline, run directory, callbacks.
 
 A run directory holds:
+  .tbhvae-run     marker: --fresh clears only directories holding it (or older runs' own files)
+  .tbhvae-lock    flock-ed by the one trainer writing here (names it); removed when it ends
   config.json     the resolved config (written before training starts)
   checkpoints/    tf.train.CheckpointManager: model, optimisers, GECO state and the
                   run's totals (training time, mAP history, last loss terms)
   logs/           TensorBoard event files (scalars, histograms, images, hparams)
   metrics.json    final q10k evaluation
-Rerunning with the same directory resumes from the latest checkpoint.
+Rerunning with the same directory resumes from the latest checkpoint (the newest
+intact one when the latest is missing or incomplete).
 Under MultiWorkerMirroredStrategy only the chief writes there; every worker
 restores from it (a filesystem all workers share), and non-chief workers save
 into a temporary directory that is removed at the end.
@@ -14,11 +17,16 @@ into a temporary directory that is removed at the end.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -171,8 +179,22 @@ def evaluation_queries(labels: np.ndarray, count: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ run directory
+class RunDirError(TrainingError):
+    """A run directory that cannot be used or cleared safely; nothing in it was changed."""
+
+
+MARKER = ".tbhvae-run"  # written with config.json: --fresh clears only directories holding it
+LOCK_FILE = ".tbhvae-lock"  # flock-ed by the trainer writing the run, removed when it ends
+_RUN_FILES = (MARKER, "config.json", "data.json", "metrics.json")
+# What tf.train.CheckpointManager writes in checkpoints/: the index (and its temporary copies),
+# the checkpoints, and the shards of a save in progress.
+_CHECKPOINT_ENTRY = re.compile(r"checkpoint(\.tmp[0-9a-f]+)?|ckpt-\d+(\.index|\.data-\d{5}-of-\d{5}|_temp.*)")
+_PARTIAL_SAVE = re.compile(r"checkpoint\.tmp[0-9a-f]+|ckpt-\d+_temp.*")
+_EVENTS_FILE = re.compile(r"events\.out\.tfevents\..+")
+
+
 class RunDirectory:
-    """Paths and config bookkeeping of one run."""
+    """Paths, lock, config bookkeeping and checkpoint housekeeping of one run."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -208,15 +230,174 @@ class RunDirectory:
 
     def write_config(self, config: Config, input_dim: int, dataset_size: int) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / MARKER).is_file():
+            _atomic_write(self.path / MARKER, "a tbhvae training run: train.py --fresh deletes only the files "
+                                              "tbhvae wrote here\n")
         _atomic_write(self.config_path, config.to_json())
         _atomic_write(self.path / "data.json", json.dumps({"input_dim": input_dim, "dataset_size": dataset_size}))
 
+    def cannot_write(self, err: OSError) -> ConfigError:
+        return ConfigError(f"--model_dir {self.path}: cannot write there ({err.strerror or err}); "
+                           f"choose a writable directory")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds an exclusive flock on LOCK_FILE (creating the directory) for the block.
+
+        The kernel drops the lock when the process ends, however it ends; the file
+        names the holder (pid, host) and is removed on a normal release. Raises
+        RunDirError naming the holder when another process has it.
+        """
+        path = self.path / LOCK_FILE
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise self.cannot_write(err) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "holder unknown"
+                os.close(fd)
+                raise RunDirError(f"--model_dir {self.path} is in use by another trainer ({holder}); wait for it "
+                                  f"to finish or use another --model_dir") from None
+            try:  # the file we locked may have been removed by its previous holder meanwhile
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # while still locked, so no other process holds this file
+            os.close(fd)
+
+    def is_run(self) -> bool:
+        """Holds MARKER, or (runs older than the marker) a tbhvae config.json and data.json."""
+        if (self.path / MARKER).is_file():
+            return True
+        try:
+            return self.saved_config() is not None and (self.path / "data.json").is_file()
+        except (ValueError, TypeError):  # ConfigError, or a config.json that is not a JSON object of keys
+            return False
+
+    def own_entries(self) -> list[Path]:
+        """The files and partial-save directories tbhvae writes here, plus any symbolic link
+        where tbhvae keeps a directory (never looked into)."""
+        found = [p for name in _RUN_FILES for p in (self.path / name, self.path / f"{name}.tmp")
+                 if os.path.lexists(p)]
+        for chain, pattern in (((self.checkpoints,), _CHECKPOINT_ENTRY), ((self.logs, self.logs / "train"),
+                                                                          _EVENTS_FILE)):
+            link = next((d for d in chain if d.is_symlink()), None)
+            if link is not None:
+                found.append(link)
+            elif chain[-1].is_dir():
+                found += sorted(p for p in chain[-1].iterdir() if pattern.fullmatch(p.name))
+        return found
+
     def clear(self) -> None:
-        for child in (self.checkpoints, self.logs):
-            if child.exists():
-                tf.io.gfile.rmtree(str(child))
-        for child in (self.config_path, self.metrics_path, self.path / "data.json"):
-            child.unlink(missing_ok=True)
+        """--fresh: deletes own_entries() and the directories they leave empty, nothing else.
+
+        Raises RunDirError, deleting nothing, when the directory holds files but is
+        not a tbhvae run, or when one of its entries is a symbolic link.
+        """
+        if not self.path.is_dir():
+            return
+        if not self.is_run() and any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            raise RunDirError(f"--fresh: {self.path} is not a tbhvae run directory (no {MARKER}, nor a tbhvae "
+                              f"config.json with data.json); nothing deleted: use another --model_dir")
+        entries = self.own_entries()
+        link = next((p for p in entries if p.is_symlink()), None)
+        if link is not None:
+            raise RunDirError(f"--fresh: {link} is a symbolic link and --fresh never deletes through links; "
+                              f"nothing deleted: remove the link yourself or use another --model_dir")
+        for entry in entries:
+            _remove(entry)
+        for directory in (self.logs / "train", self.logs, self.checkpoints):
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+
+    def remove_partial_saves(self) -> None:
+        """Deletes what interrupted checkpoint saves left (ckpt-N_temp*, checkpoint.tmp*)."""
+        if self.checkpoints.is_dir() and not self.checkpoints.is_symlink():
+            for entry in self.checkpoints.iterdir():
+                if _PARTIAL_SAVE.fullmatch(entry.name):
+                    _remove(entry)
+
+    def _checkpoint_state(self):
+        try:
+            return tf.train.get_checkpoint_state(str(self.checkpoints))
+        except (UnicodeDecodeError, ValueError):  # random bytes; no model_checkpoint_path
+            return None
+
+    def intact_checkpoints(self) -> list[str]:
+        """Prefixes of the checkpoints here whose index reads and whose data shards all exist, oldest first."""
+        state = self._checkpoint_state()
+        listed = list(state.all_model_checkpoint_paths) if state else []
+        scanned = [str(p)[:-len(".index")] for p in self.checkpoints.glob("ckpt-*.index")]
+        prefixes = {os.path.join(str(self.checkpoints), os.path.basename(p)) for p in listed + scanned}
+        return sorted((p for p in prefixes if _intact(p)), key=_checkpoint_number)
+
+    def resume_checkpoint(self) -> str | None:
+        """The checkpoint to resume from: the latest the index names, else (its files missing
+        or damaged) the newest intact one. None when no checkpoint was ever completed.
+
+        Raises RunDirError when the index exists but no intact checkpoint is left, so a
+        run never silently restarts from step 0 over its checkpoints.
+        """
+        state = self._checkpoint_state()
+        if state is not None and _intact(state.model_checkpoint_path):
+            return state.model_checkpoint_path
+        intact = self.intact_checkpoints()
+        index = self.checkpoints / "checkpoint"
+        if intact:
+            problem = (f"names {os.path.basename(state.model_checkpoint_path)}, which is missing or incomplete"
+                       if state else "is unreadable" if os.path.lexists(index) else "is missing")
+            print(f"warning: {index} {problem}; resuming from the newest intact checkpoint {intact[-1]}",
+                  file=sys.stderr)
+            return intact[-1]
+        if os.path.lexists(index):
+            raise RunDirError(f"{index} exists but no intact checkpoint is left in {self.checkpoints}; "
+                              f"pass --fresh to start over or use another --model_dir")
+        return None
+
+    def name_latest(self, prefix: str) -> None:
+        """Rewrites the checkpoint index to name `prefix` as the latest (after a fallback)."""
+        state = self._checkpoint_state()
+        if state is not None and state.model_checkpoint_path == prefix:
+            return
+        names = [os.path.basename(p) for p in self.intact_checkpoints()]
+        _atomic_write(self.checkpoints / "checkpoint",
+                      "".join([f'model_checkpoint_path: "{os.path.basename(prefix)}"\n',
+                               *(f'all_model_checkpoint_paths: "{name}"\n' for name in names)]))
+
+
+def _checkpoint_number(prefix: str) -> int:
+    return int(prefix.rsplit("-", 1)[1]) if re.fullmatch(r"ckpt-\d+", os.path.basename(prefix)) else -1
+
+
+def _intact(prefix: str) -> bool:
+    """The checkpoint's index reads and every data shard it names exists (sizes are not checked)."""
+    shards = glob.glob(glob.escape(prefix) + ".data-?????-of-?????")
+    if not shards or len(shards) != int(shards[0].rsplit("-of-", 1)[1]):
+        return False
+    try:
+        tf.train.load_checkpoint(prefix)
+    except (tf.errors.OpError, ValueError):
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Deletes a file, a link (not its target) or a directory tree (links inside are not followed)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -361,7 +542,7 @@ class TrainingMonitor(keras.callbacks.Callback):
             tracker.reset_state()
 
     def evaluate(self, step: int) -> float:
-        """mAP@1000 of fresh codes: held-out queries against the re-encoded database."""
+        """Tie-aware mAP@1000 of fresh codes: held-out queries against the re-encoded database."""
         db_codes = encode_features(self.model, self.features.train_features)
         query_codes = encode_features(self.model, self.features.test_features[self.queries])
         score = evaluation.mean_average_precision(query_codes, db_codes, self.features.test_labels[self.queries],
@@ -373,6 +554,7 @@ class TrainingMonitor(keras.callbacks.Callback):
             tf.summary.histogram("bits/mean_activation", bit_means, step=step)
             statistics = evaluation.code_statistics(db_codes)
             tf.summary.scalar("bits/balance", statistics["bit_balance"], step=step)
+            tf.summary.scalar("bits/min_balance", statistics["min_bit_balance"], step=step)
             tf.summary.scalar("bits/distinct_codes", statistics["distinct_codes"], step=step)
         return score
 
@@ -455,7 +637,9 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
 
     Returns the metrics dict. Raises ConfigError / DataError / TrainingError
     with a one-line message on bad input, before anything in `model_dir` is
-    written; TrainingError also on SIGTERM (after a checkpoint) and on a
+    written (the lock file aside, removed again); RunDirError when another
+    trainer holds the directory or `fresh` would delete what tbhvae did not
+    write; TrainingError also on SIGTERM (after a checkpoint) and on a
     non-finite loss (keeping the last good checkpoint).
     """
     strategy = strategy or make_strategy("auto")
@@ -471,17 +655,27 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
         raise DataError(f"batch_size {config.batch_size} exceeds the {len(feature_set.train_features)} "
                         f"training examples; use --set batch_size={len(feature_set.train_features)} or less")
     chief = is_chief()
+    # Only the chief writes into model_dir, so only it takes the lock; the other workers read.
+    with run.lock() if chief else contextlib.nullcontext():
+        return _train_in(run, config, strategy, fresh, feature_set, chief)
+
+
+def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strategy, fresh: bool,
+              feature_set: FeatureSet, chief: bool) -> dict:
+    """train() after the cheap checks, holding the run directory's lock on the chief."""
     if not fresh:
         run.check_compatible(config, feature_set.dim)
     elif chief:
         run.clear()
+    if chief:
+        run.remove_partial_saves()
     if config.mixed_precision != "float32":
         keras.mixed_precision.set_global_policy(config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
 
     with strategy.scope():
         model = TwinBottleneckHashing(config, feature_set.dim, dataset_size=len(feature_set.train_features))
-        model.input_scaling.adapt(feature_set.train_features)
+        model.adapt(feature_set.train_features)
         actor = keras.optimizers.Adam(config.learning_rate, name="actor_adam")
         critic = keras.optimizers.Adam(config.critic_learning_rate, name="critic_adam")
         if config.mixed_precision == "mixed_float16":
@@ -494,9 +688,11 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
                                      **({"critic_optimizer": critic} if model.critics else {}))
     # Every worker resumes from the chief's checkpoints; a non-chief saves (saving may
     # involve collectives) into a private directory removed at the end.
-    latest = None if fresh else tf.train.latest_checkpoint(str(run.checkpoints))
+    latest = None if fresh else run.resume_checkpoint()
     if latest:
         _restore(checkpoint, latest)
+        if chief:
+            run.name_latest(latest)
     start_step = int(actor.iterations.numpy())
     if _is_multi_worker(strategy):
         _check_same_start(strategy, start_step)
@@ -504,8 +700,7 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
         try:
             run.write_config(config, feature_set.dim, len(feature_set.train_features))
         except OSError as err:
-            raise ConfigError(f"--model_dir {run.path}: cannot write there ({err.strerror or err}); "
-                              f"choose a writable directory") from None
+            raise run.cannot_write(err) from None
     checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")
     try:
         manager = tf.train.CheckpointManager(checkpoint, checkpoint_dir, max_to_keep=config.checkpoints_to_keep)
@@ -603,7 +798,7 @@ def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, ste
     db_codes = encode_features(model, feature_set.train_features)
     query_codes = encode_features(model, feature_set.test_features[queries])
     metrics = evaluation.evaluate_codes(query_codes, db_codes, feature_set.test_labels[queries],
-                                        feature_set.train_labels, top_k=1000, curves=True)
+                                        feature_set.train_labels, top_k=1000, curves=True, index_ties=True)
     metrics.update(bits=config.bits, steps=step, queries=len(queries), database=len(db_codes),
                    model=config.name, **evaluation.code_statistics(db_codes))
     with writer.as_default():

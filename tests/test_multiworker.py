@@ -151,8 +151,8 @@ def test_two_workers_stop_together_resume_and_end_with_identical_weights(tmp_pat
 def restore_final_checkpoint(model_dir):
     """A model holding the latest checkpoint of `model_dir`."""
     config = config_lib.from_dict(json.loads((model_dir / "config.json").read_text()), "config.json")
-    dim = json.loads((model_dir / "data.json").read_text())["input_dim"]
-    model = training.TwinBottleneckHashing(config, dim)
+    data = json.loads((model_dir / "data.json").read_text())
+    model = training.TwinBottleneckHashing(config, data["input_dim"], data["dataset_size"])
     actor = keras.optimizers.Adam(config.learning_rate)
     model.compile(actor_optimizer=actor, critic_optimizer=None, optimizer=actor)
     model.build_all()

@@ -25,7 +25,7 @@ def brute_force_terms(codes, logits, n, estimator):
         for j in range(b):
             pairwise[i, j] = _log_bernoulli(codes[i], logits[j])
     if estimator == "mws":
-        weights = np.full((b, b), 1.0 / (n * b))
+        weights = np.full((b, b), 1.0 / b)  # Chen et al.'s 1/(N B), shifted by log N to sum to 1
     else:
         mm = b - 1
         weights = np.full((b, b), 1.0 / mm)
@@ -60,25 +60,146 @@ def test_mss_weights_are_a_distribution():
     np.testing.assert_allclose(np.exp(log_w).sum(axis=1), 1.0, rtol=1e-6)
 
 
-def test_mws_recovers_exact_marginal_when_batch_is_the_dataset():
-    """With the whole (tiny) dataset as the batch, log q(b) and q(b_k) are exact up to log(B)/N terms.
-
-    For N = B the MWS estimate equals log (1/B^2) sum_j q(b|x_j), i.e. the exact
-    log q(b) = log (1/N) sum_j q(b|x_j) minus log(B): check that identity by enumeration.
-    """
+def test_mws_is_exact_when_batch_is_the_dataset():
+    """With the whole (tiny) dataset as the batch, MWS's log q(b) is the exact log (1/N) sum_j q(b|x_j)."""
     rng = np.random.default_rng(4)
     n, m = 4, 3
     logits = rng.normal(0, 1.5, size=(n, m))
     codes = rng.integers(0, 2, (n, m)).astype(np.float64)
     terms = objectives.tc_decomposition(tf.constant(codes, tf.float32), tf.constant(logits, tf.float32),
-                                        dataset_size=n, estimator="mws")
+                                        dataset_size=1000, estimator="mws")  # N does not enter MWS
     log_q = np.array([[_log_bernoulli(codes[i], logits[j]).sum() for j in range(n)] for i in range(n)])
-    exact_joint = np.log(np.exp(log_q).mean(axis=1))  # exact aggregate posterior on this dataset
-    conditional = np.diag(log_q)
-    mi_exact_shifted = (conditional - (exact_joint - np.log(n))).mean()
-    assert float(terms["mutual_information"]) == pytest.approx(mi_exact_shifted, rel=1e-4)
+    exact_joint = np.log(np.exp(log_q).mean(axis=1))
+    assert float(terms["mutual_information"]) == pytest.approx((np.diag(log_q) - exact_joint).mean(), rel=1e-4)
 
 
+def test_batch_mean_marginals_closed_form():
+    rng = np.random.default_rng(8)
+    logits = rng.normal(0, 2, size=(7, 4))
+    codes = (rng.random((7, 4)) < 1 / (1 + np.exp(-logits))).astype(np.float64)
+    got = objectives.tc_decomposition(tf.constant(codes, tf.float32), tf.constant(logits, tf.float32),
+                                      dataset_size=1000, estimator="mss", marginals="batch_mean")
+    mean = (1 / (1 + np.exp(-logits))).mean(axis=0)
+    dwkl = (mean * np.log(2 * mean) + (1 - mean) * np.log(2 * (1 - mean))).sum()
+    assert float(got["dimensionwise_kl"]) == pytest.approx(dwkl, rel=1e-4)
+    estimated = brute_force_terms(codes, logits, 1000, "mss")
+    assert float(got["mutual_information"]) == pytest.approx(estimated["mutual_information"], rel=1e-4)
+    # TC = E[log q(b)] - E[sum_k log Bernoulli(b_k; mean_k)], with log q(b) = log q(b|x) - MI on average
+    marginals = (codes * np.log(mean) + (1 - codes) * np.log(1 - mean)).sum(axis=1)
+    conditional = np.array([_log_bernoulli(codes[i], logits[i]).sum() for i in range(7)])
+    log_q_joint = conditional.mean() - estimated["mutual_information"]
+    assert float(got["total_correlation"]) == pytest.approx(log_q_joint - marginals.mean(), rel=1e-4, abs=1e-4)
+
+
+# --- what the binary objective rewards -------------------------------------------------------------
+
+BATCH, DATASET, BITS = 400, 50000, 32
+
+
+def _deterministic(codes):
+    """Confident posteriors (logits +-12) that put all mass on `codes` [B, M]."""
+    return tf.constant(codes, tf.float32), tf.constant(np.where(codes > 0, 12.0, -12.0), tf.float32)
+
+
+def _codes(balanced: int, constant: int, seed: int = 0, duplicated: bool = False):
+    rng = np.random.default_rng(seed)
+    free = rng.integers(0, 2, (BATCH, 1 if duplicated else balanced))
+    free = np.repeat(free, balanced, axis=1) if duplicated else free
+    return np.concatenate([free, np.ones((BATCH, constant))], axis=1).astype(np.float64)
+
+
+def _terms(codes, estimator, marginals="estimator"):
+    return objectives.tc_decomposition(*_deterministic(codes), DATASET, estimator, marginals)
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+@pytest.mark.parametrize("marginals", ["estimator", "batch_mean"])
+def test_terms_of_known_code_sets(estimator, marginals):
+    support = DATASET if estimator == "mss" else BATCH
+    floor = BITS * math.log(2) - math.log(support)
+    # posterior = prior: every term ~0
+    rng = np.random.default_rng(1)
+    prior = objectives.tc_decomposition(tf.constant(rng.integers(0, 2, (BATCH, BITS)), tf.float32),
+                                        tf.zeros([BATCH, BITS]), DATASET, estimator, marginals)
+    for key in ("mutual_information", "total_correlation", "dimensionwise_kl", "kl"):
+        assert abs(float(prior[key])) < 0.02, key
+    # collapsed codes: all the KL is dimension-wise, M log 2
+    collapsed = _terms(np.ones((BATCH, BITS)), estimator, marginals)
+    assert float(collapsed["dimensionwise_kl"]) == pytest.approx(BITS * math.log(2), rel=1e-3)
+    assert abs(float(collapsed["total_correlation"])) < 1e-3
+    # balanced independent deterministic bits: no dimension-wise KL, TC at the floor
+    balanced = _terms(_codes(BITS, 0), estimator, marginals)
+    assert abs(float(balanced["dimensionwise_kl"])) < 0.1
+    assert float(balanced["total_correlation"]) == pytest.approx(floor, abs=0.15)
+    assert float(objectives.tc_floor(BITS, support)) == pytest.approx(floor, rel=1e-6)
+    # one balanced bit copied M times: TC = (M - 1) H(bit), H(bit) ~ log 2 for the batch's share f of ones
+    copies = _codes(BITS, 0, duplicated=True)
+    f = copies[:, 0].mean()
+    entropy = -(f * math.log(f) + (1 - f) * math.log(1 - f))
+    duplicated = _terms(copies, estimator, marginals)
+    assert float(duplicated["total_correlation"]) == pytest.approx((BITS - 1) * entropy, abs=0.1)
+
+
+def _penalty(codes, alpha, beta, gamma, hinge):
+    terms = _terms(codes, "mss", "batch_mean")
+    floor = objectives.tc_floor(BITS, DATASET) if hinge else 0.0
+    return float(objectives.binary_regularizer(terms, alpha, beta, gamma, floor))
+
+
+def test_recommended_penalty_prefers_balanced_bits_and_the_papers_does_not():
+    all_bits, half, quarter = _codes(32, 0), _codes(16, 16), _codes(8, 24)
+    recommended = dict(alpha=0.0, beta=1.0, gamma=1.0, hinge=True)
+    assert _penalty(all_bits, **recommended) < _penalty(half, **recommended) < _penalty(quarter, **recommended)
+    assert _penalty(all_bits, **recommended) < 0.2
+    # The paper's literal weights reward collapse: 8 + 24 and 16 + 16 cost less than 32 balanced bits.
+    paper = dict(alpha=1.0, beta=6.0, gamma=1.0, hinge=False)
+    assert _penalty(quarter, **paper) < _penalty(all_bits, **paper)
+    assert _penalty(half, **paper) < _penalty(all_bits, **paper)
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_a_gradient_step_on_duplicated_bits_lowers_tc(estimator):
+    rng = np.random.default_rng(3)
+    base = rng.normal(0, 1, (64, 1))
+    logits = tf.Variable(np.repeat(base, 8, axis=1) + 0.01 * rng.normal(size=(64, 8)), dtype=tf.float32)
+    codes = tf.constant((base > 0).repeat(8, axis=1), tf.float32)
+
+    def tc():
+        return objectives.tc_decomposition(codes, logits, 1000, estimator)["total_correlation"]
+
+    with tf.GradientTape() as tape:
+        before = tc()
+    gradient = tape.gradient(before, logits)
+    logits.assign_sub(0.5 * gradient / tf.norm(gradient))
+    assert float(tc()) < float(before) - 1e-3
+
+
+def test_similarity_loss_is_the_expected_error_under_the_posterior():
+    codes = tf.constant([[1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    target = tf.constant([[1.0, 0.0, -1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 1.0]])
+    assert float(objectives.pairwise_similarity_loss(codes, target)) == pytest.approx(0.0)
+    assert float(objectives.pairwise_similarity_loss(codes, tf.zeros([3, 3]))) == pytest.approx(2 / 6)
+    # Monte Carlo over Bernoulli codes with means h: the closed form is E[(s - T)^2]
+    rng = np.random.default_rng(0)
+    means = rng.uniform(-0.9, 0.9, (5, 8))
+    target = rng.uniform(-1, 1, (5, 5))
+    samples = np.where(rng.random((20000, 5, 8)) < (1 + means) / 2, 1.0, -1.0)
+    similarity = np.einsum("sik,sjk->sij", samples, samples) / 8
+    off = ~np.eye(5, dtype=bool)
+    expected = np.square(similarity - target)[:, off].mean()
+    got = float(objectives.pairwise_similarity_loss(tf.constant(means), tf.constant(target)))
+    assert got == pytest.approx(expected, rel=0.01)
+    # noise is not free: uncertain bits (h = 0) pay 1/M per pair where orthogonal confident codes pay 0
+    orthogonal = tf.constant([[1.0, 1.0], [1.0, -1.0]])
+    assert float(objectives.pairwise_similarity_loss(orthogonal, tf.eye(2))) == pytest.approx(0.0)
+    assert float(objectives.pairwise_similarity_loss(tf.zeros([2, 2]), tf.eye(2))) == pytest.approx(0.5)
+
+
+def test_decorrelation_loss():
+    independent = tf.constant([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+    assert float(objectives.decorrelation_loss(independent)) == pytest.approx(0.0)
+    copied = tf.constant([[1.0, 1.0], [-1.0, -1.0]])
+    assert float(objectives.decorrelation_loss(copied)) == pytest.approx(1.0)
 def test_gaussian_kl_matches_tfp():
     rng = np.random.default_rng(1)
     mean = rng.normal(size=(4, 6)).astype(np.float32)

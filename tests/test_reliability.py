@@ -234,7 +234,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
 def test_weights_with_nan_are_never_checkpointed(tmp_path):
     features = synthetic_features()
     config = Config(name="t", steps=10, **SMALL)
-    model = training.TwinBottleneckHashing(config, features.dim)
+    model = training.TwinBottleneckHashing(config, features.dim, len(features.train_features))
     actor = keras.optimizers.Adam()
     model.compile(actor_optimizer=actor, critic_optimizer=keras.optimizers.Adam(), optimizer=actor)
     model.build_all()

@@ -139,17 +139,17 @@ def test_cli_writes_saved_model_tflite_and_parity_report(synthetic_run, tmp_path
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "base" / "tbh" / "1" / "saved_model.pb").is_file()
-    report = json.loads((tmp_path / "lite" / "parity.json").read_text())
+    report = json.loads((tmp_path / "lite" / "1" / "parity.json").read_text())
     assert report["examples"] == 64 and set(report["rows"]) == {"keras", "saved_model", *serving.TFLITE_VARIANTS}
     assert report["rows"]["saved_model"]["bit_agreement"] == 1.0
     assert report["rows"]["float32"]["bit_agreement"] == 1.0
     assert "| int8 |" in result.stdout
     for variant in serving.TFLITE_VARIANTS:
-        encoder = serving.LiteEncoder(tmp_path / "lite" / f"{variant}.tflite")
+        encoder = serving.LiteEncoder(tmp_path / "lite" / "1" / f"{variant}.tflite")
         details = encoder.runner.get_output_details()
         assert set(details) == {"bits", "packed", "probs"}
         assert list(encoder.runner.get_input_details()) == ["features"]
-        assert report["rows"][variant]["size_bytes"] == (tmp_path / "lite" / f"{variant}.tflite").stat().st_size
+        assert report["rows"][variant]["size_bytes"] == (tmp_path / "lite" / "1" / f"{variant}.tflite").stat().st_size
 
 
 def test_lite_encoder_rejects_wrong_feature_size(exported, tmp_path):

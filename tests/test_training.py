@@ -61,7 +61,7 @@ def test_two_replicas_stay_identical_and_learn(tmp_path, bottlenecks, jit):
     assert np.isfinite(list(history.values())).all()
     assert metrics["map@1000"] > 0.3  # 4 clusters: random codes give ~0.25
     if bottlenecks[1] == "geco_vae":
-        initial = float(np.exp(config.geco_log_lambda_init))
+        initial = features.dim / 2.0  # lambda_init = D / 2
         assert metrics["geco_lambda"] != pytest.approx(initial, rel=1e-6)  # multiplier moved after warm-up
         assert "total_correlation" in metrics
 
@@ -69,7 +69,7 @@ def test_two_replicas_stay_identical_and_learn(tmp_path, bottlenecks, jit):
 def test_loss_decreases_on_real_features(tmp_path, cifar_features):
     config = Config(name="t", steps=60, **{**SMALL, "batch_size": 200, "bits": 16, "hidden_dim": 256,
                                            "reconstruction": "sum", "learning_rate": 1e-3})
-    untrained = training.TwinBottleneckHashing(config, cifar_features.dim)
+    untrained = training.TwinBottleneckHashing(config, cifar_features.dim, len(cifar_features.train_features))
     untrained.build_all()
     before = reconstruction_mse(untrained, cifar_features.test_features)
     captured = {}
@@ -91,7 +91,7 @@ def test_resume_continues_at_the_right_step_with_the_same_state(tmp_path):
                            feature_set=features)
     assert first["steps"] == 10
     # The checkpoint at step 10 holds the optimiser state: restoring it gives iterations == 10.
-    model = training.TwinBottleneckHashing(base, features.dim)
+    model = training.TwinBottleneckHashing(base, features.dim, len(features.train_features))
     import keras
     actor = keras.optimizers.Adam(base.learning_rate)
     critic = keras.optimizers.Adam(base.critic_learning_rate)
@@ -112,7 +112,7 @@ def test_resume_continues_at_the_right_step_with_the_same_state(tmp_path):
 def test_codes_are_deterministic_at_test_time(tmp_path):
     features = synthetic_features()
     config = Config(name="t", steps=5, **{**SMALL, "log_every": 5, "checkpoint_every": 5, "eval_every": 0})
-    model = training.TwinBottleneckHashing(config, features.dim)
+    model = training.TwinBottleneckHashing(config, features.dim, len(features.train_features))
     model.build_all()
     first = encode_features(model, features.test_features)
     second = encode_features(model, features.test_features)

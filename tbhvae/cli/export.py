@@ -5,13 +5,13 @@
 
 writes the SavedModel `exported/tbh/<next version>/` (TF Serving layout; signatures in
 `tbhvae.serving`) and, with --tflite_dir, `float32.tflite`, `float16.tflite`,
-`dynamic.tflite` and `int8.tflite` there, then a parity report against the Keras
+`dynamic.tflite` and `int8.tflite` in its own next version `<tflite_dir>/<version>/`
+(so an earlier export is never replaced), with a parity report against the Keras
 model over the test features (`parity.json` next to the TFLite files, and a table on stdout).
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from absl import flags, logging
 
@@ -25,7 +25,8 @@ def define_flags() -> None:
     flags.DEFINE_string("model_dir", None, "Run directory written by train.py.", required=True)
     flags.DEFINE_string("out", None, "Base directory; the SavedModel goes to OUT/NAME/<version>/.", required=True)
     flags.DEFINE_string("name", "tbh_encoder", "Model name (a directory under --out; TF Serving's model_name).")
-    flags.DEFINE_string("tflite_dir", None, "Also write the TFLite variants and the parity report here.")
+    flags.DEFINE_string("tflite_dir", None, "Also write the TFLite variants and the parity report to "
+                        "TFLITE_DIR/<next version>/.")
     flags.DEFINE_string("features", None, "Feature .npz for int8 calibration (train split) and the parity "
                         "report (test split); default: the run's config.features.")
     flags.DEFINE_string("backbone", None, "Add image signatures with this backbone (default: the run's "
@@ -84,18 +85,18 @@ def main(argv):
     if not FLAGS.tflite_dir:
         return
     representative = serving.representative_rows(feature_set.train_features, FLAGS.representative_examples)
-    files = serving.write_tflite_variants(path, FLAGS.tflite_dir, representative)
-    print("TFLite files: " + ", ".join(str(p) for p in files.values()))
     test = feature_set.test_features[:FLAGS.parity_examples or None]
-    candidates = {"saved_model": serving.SavedModelEncoder(path)}
-    candidates.update({k: serving.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
-    report = serving.parity_report(serving.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
-    report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
-                  representative_examples=len(representative), num_threads=FLAGS.num_threads)
-    report_path = Path(FLAGS.tflite_dir) / "parity.json"
-    report_path.write_text(json.dumps(report, indent=2))
+    with serving.new_version(FLAGS.tflite_dir) as (staging, version_dir):  # never replaces an earlier export
+        files = serving.write_tflite_variants(path, staging, representative)
+        candidates = {"saved_model": serving.SavedModelEncoder(path)}
+        candidates.update({k: serving.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
+        report = serving.parity_report(serving.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
+        report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
+                      representative_examples=len(representative), num_threads=FLAGS.num_threads)
+        (staging / "parity.json").write_text(json.dumps(report, indent=2))
+    print("TFLite files: " + ", ".join(str(version_dir / p.name) for p in files.values()))
     print(serving.format_parity_table(report))
-    print(f"parity report written to {report_path}")
+    print(f"parity report written to {version_dir / 'parity.json'}")
     int8 = report["rows"]["int8"]["bit_agreement"]
     if int8 < 0.98:
         print(f"warning: int8 bit agreement {100 * int8:.2f}% is below 98%; prefer dynamic.tflite")

@@ -24,7 +24,8 @@ flags.DEFINE_integer("bits", None, "Code length M (overrides the config).")
 flags.DEFINE_integer("steps", None, "Total training steps (overrides the config).")
 flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multiworker"],
                   "tf.distribute strategy; multiworker reads the cluster from TF_CONFIG.")
-flags.DEFINE_bool("fresh", False, "Discard any run already in --model_dir and start over.")
+flags.DEFINE_bool("fresh", False, "Discard the run already in --model_dir (only the files tbhvae wrote; "
+                  "refused for a directory that is not a tbhvae run) and start over.")
 
 
 def load_checked_config():

@@ -1,0 +1,13 @@
+"""TBH (Shen et al. 2020) on CIFAR-10 as the reference code trains it (faithful; no additions)."""
+from tbhvae.config import Config
+
+
+def get_config() -> Config:
+    return Config(
+        name="cifar10_tbh_reference",
+        binary_bottleneck="adversarial",
+        continuous_bottleneck="adversarial",
+        bits=32,
+        batch_size=400,
+        steps=5000,
+    )
