@@ -83,7 +83,7 @@ class Config:
     learning_rate: float = 1e-4
     critic_learning_rate: float = 1e-4
     seed: int = 0
-    jit_compile: bool = True
+    jit_compile: bool = False  # XLA: slower than TF's own CPU kernels here (BENCHMARKS.md); true on GPUs
     steps_per_execution: int = 50
     mixed_precision: str = "float32"  # "float32" | "mixed_float16" | "mixed_bfloat16"
     # --- logging / evaluation -----------------------------------------------

@@ -386,3 +386,29 @@ def evaluate_codes(query_codes, db_codes, query_labels, db_labels, top_k=1000,
         metrics["pr_curve"] = radius
         metrics["precision_at_n"] = dict(zip(ns, tie_aware_precision_at(histograms, ns).mean(axis=0).tolist()))
     return metrics
+
+
+def chance_map(query_labels, db_labels, top_k=1000) -> float:
+    """Tie-aware mAP@top_k of a constant encoder: what retrieval at chance scores (about the class prior)."""
+    constant_queries = np.zeros((len(query_labels), 1), np.uint8)
+    constant_db = np.zeros((len(db_labels), 1), np.uint8)
+    return mean_average_precision(constant_queries, constant_db, query_labels, db_labels, top_k)
+
+
+def health_warnings(metrics: dict, chance: float, database: int) -> list[str]:
+    """One-line warnings about codes that are collapsed or retrieve at chance.
+
+    metrics: holds "map@1000" and the keys of `code_statistics`; chance: the
+    `chance_map` of the same query set; database: the number of database codes.
+    """
+    warnings = []
+    if metrics["map@1000"] < chance + 0.02:  # random codes of unrelated data land within ~0.01 of chance
+        warnings.append(f"mAP@1000 {metrics['map@1000']:.3f} is at chance (a constant code scores {chance:.3f})")
+    if metrics["bit_balance"] < 0.5:
+        warnings.append(f"collapsed codes: mean bit balance {metrics['bit_balance']:.2f} (1 = every bit splits "
+                        f"the database in half)")
+    if metrics["min_bit_balance"] < 0.01:
+        warnings.append("at least one bit is constant over the database (it carries no information)")
+    if metrics["distinct_codes"] < min(database, 1024) // 4:  # fewer than 256: most queries tie with thousands
+        warnings.append(f"only {metrics['distinct_codes']} distinct codes in {database} database items")
+    return warnings

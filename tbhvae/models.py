@@ -132,7 +132,9 @@ class TwinBottleneckHashing(keras.Model):
                                                            name="continuous_critic")
                                   if config.continuous_bottleneck == "adversarial" else None)
         self.geco = Geco(config, input_dim, name="geco") if vae else None
-        self.anchor_graph = (tbh_layers.AnchorGraph(config.anchors, config.nearest_anchors, input_dim,
+        # at most one anchor per 10 training rows, so that small datasets keep populated anchors
+        anchors = max(config.nearest_anchors + 1, min(config.anchors, dataset_size // 10))
+        self.anchor_graph = (tbh_layers.AnchorGraph(anchors, config.nearest_anchors, input_dim,
                                                     name="anchor_graph")
                              if config.similarity_weight > 0 and config.similarity_target == "anchor" else None)
         self.term_trackers = {}
@@ -148,7 +150,7 @@ class TwinBottleneckHashing(keras.Model):
         """
         self.input_scaling.adapt(features)
         if self.anchor_graph is not None:
-            scaled = np.concatenate([self.input_scaling(features[i:i + 8192]).numpy()
+            scaled = np.concatenate([tf.cast(self.input_scaling(features[i:i + 8192]), tf.float32).numpy()
                                      for i in range(0, len(features), 8192)])
             self.anchor_graph.adapt(scaled, self.config.seed)
 

@@ -376,6 +376,18 @@ class RunDirectory:
                                *(f'all_model_checkpoint_paths: "{name}"\n' for name in names)]))
 
 
+def finished_steps(model_dir: str | os.PathLike, config: Config) -> int | None:
+    """The step count of a finished run of `config` in `model_dir` (metrics.json written at config.steps), else None."""
+    run = RunDirectory(model_dir)
+    try:
+        if run.saved_config() != config or not run.metrics_path.is_file():
+            return None
+        steps = json.loads(run.metrics_path.read_text()).get("steps")
+    except (ValueError, TypeError, OSError):  # anything unreadable: let train() report it
+        return None
+    return steps if steps == config.steps else None
+
+
 def _checkpoint_number(prefix: str) -> int:
     return int(prefix.rsplit("-", 1)[1]) if re.fullmatch(r"ckpt-\d+", os.path.basename(prefix)) else -1
 
@@ -432,6 +444,48 @@ EMPTY_TOTALS = {"train_seconds": 0.0, "compute_seconds": 0.0, "steps_timed": 0, 
                 "last_logs": {}}
 
 
+class _LineProgress:
+    """Progress as one plain line every `log_every` steps, for logs that are not a terminal.
+
+    Same `update(step, values, finalize)` as keras.utils.Progbar; the ETA is
+    extrapolated from this session's steps per second.
+    """
+
+    def __init__(self, total: int, every: int, stream=None):
+        self.total, self.every = total, every
+        self.stream = stream or sys.stdout
+        self.started = self.first_step = None
+
+    def update(self, step: int, values=(), finalize: bool = False) -> None:
+        now = time.perf_counter()
+        if self.started is None:
+            self.started, self.first_step = now, step
+            return
+        if not finalize and step % self.every:
+            return
+        rate = (step - self.first_step) / max(now - self.started, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        shown = "  ".join(f"{name} {value:.4g}" for name, value in values)
+        eta_text = "done" if finalize or step >= self.total else f"ETA {_duration(eta)}"
+        print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%)  {shown}  "
+              f"{rate:.1f} steps/s  {eta_text}", file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def _progress_display(config: Config):
+    """keras's progress bar on a terminal, a line per `log_every` steps otherwise."""
+    if sys.stdout.isatty():
+        return keras.utils.Progbar(config.steps, unit_name="step", stateful_metrics=None)
+    return _LineProgress(config.steps, config.log_every)
+
+
 class TrainingMonitor(keras.callbacks.Callback):
     """Logging, periodic evaluation, checkpoints, progress and the stop at `steps`.
 
@@ -454,8 +508,7 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.chief = chief
         self.clock = _Clock()
         self.queries = evaluation_queries(feature_set.test_labels, config.eval_queries)
-        self.progress = keras.utils.Progbar(config.steps, unit_name="step",
-                                            stateful_metrics=None) if chief else None
+        self.progress = _progress_display(config) if chief else None
         self.last_logs = {}
         self.history = []  # (step, map@1000) of periodic evaluations
         self.stopped_by_signal = False
@@ -468,7 +521,8 @@ class TrainingMonitor(keras.callbacks.Callback):
     def totals(self) -> dict:
         """Bookkeeping over every session of the run (earlier ones come from the checkpoint)."""
         earlier = self.earlier
-        session_seconds = time.perf_counter() - self.session_start if self.session_start else 0.0
+        trained = self.session_start is not None and self.clock.executions > 0
+        session_seconds = time.perf_counter() - self.session_start if trained else 0.0
         return {"train_seconds": earlier["train_seconds"] + session_seconds,
                 "compute_seconds": earlier["compute_seconds"] + self.clock.compute_seconds,
                 "steps_timed": earlier["steps_timed"] + self.clock.steps_timed,
@@ -556,6 +610,9 @@ class TrainingMonitor(keras.callbacks.Callback):
             tf.summary.scalar("bits/balance", statistics["bit_balance"], step=step)
             tf.summary.scalar("bits/min_balance", statistics["min_bit_balance"], step=step)
             tf.summary.scalar("bits/distinct_codes", statistics["distinct_codes"], step=step)
+        print(f"step {step}: mAP@1000 {score:.4f} ({len(self.queries)} held-out queries), bit balance "
+              f"{statistics['bit_balance']:.2f} (worst bit {statistics['min_bit_balance']:.2f}), "
+              f"{statistics['distinct_codes']} distinct codes", file=sys.stderr, flush=True)
         return score
 
     def on_train_end(self, logs=None):
@@ -656,8 +713,19 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
                         f"training examples; use --set batch_size={len(feature_set.train_features)} or less")
     chief = is_chief()
     # Only the chief writes into model_dir, so only it takes the lock; the other workers read.
-    with run.lock() if chief else contextlib.nullcontext():
+    with run.lock() if chief else contextlib.nullcontext(), _precision_policy(config.mixed_precision):
         return _train_in(run, config, strategy, fresh, feature_set, chief)
+
+
+@contextlib.contextmanager
+def _precision_policy(name: str):
+    """Keras's global dtype policy `name` within the block, the previous one restored after."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strategy, fresh: bool,
@@ -669,8 +737,6 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
         run.clear()
     if chief:
         run.remove_partial_saves()
-    if config.mixed_precision != "float32":
-        keras.mixed_precision.set_global_policy(config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
 
     with strategy.scope():
@@ -754,10 +820,12 @@ def _fit_and_evaluate(config: Config, run: RunDirectory, strategy: tf.distribute
         raise TrainingError(f"stopped by SIGTERM at step {monitor.step}; checkpoint saved in "
                             f"{run.checkpoints}, rerun the same command to resume")
 
+    so_far = monitor.totals()  # before the evaluation: train_seconds counts training only
+    evaluation_started = time.perf_counter()
     metrics = final_evaluation(model, feature_set, config, writer, int(actor.iterations.numpy()))
-    so_far = monitor.totals()
     metrics.update(
         train_seconds=so_far["train_seconds"],
+        evaluation_seconds=time.perf_counter() - evaluation_started,
         examples_per_second=(so_far["steps_timed"] * config.batch_size / so_far["compute_seconds"]
                              if so_far["compute_seconds"] else 0.0),
         replicas=replicas,
@@ -801,6 +869,10 @@ def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, ste
                                         feature_set.train_labels, top_k=1000, curves=True, index_ties=True)
     metrics.update(bits=config.bits, steps=step, queries=len(queries), database=len(db_codes),
                    model=config.name, **evaluation.code_statistics(db_codes))
+    metrics["chance_map@1000"] = evaluation.chance_map(feature_set.test_labels[queries], feature_set.train_labels)
+    metrics["warnings"] = evaluation.health_warnings(metrics, metrics["chance_map@1000"], len(db_codes))
+    for warning in metrics["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     with writer.as_default():
         for key in ("map@1000", "map", "precision@r2"):
             tf.summary.scalar(f"final/{key}", metrics[key], step=step)

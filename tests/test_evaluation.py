@@ -296,3 +296,20 @@ def test_bad_top_k_is_refused(top_k):
     codes = np.zeros((4, 3), np.uint8)
     with pytest.raises(ValueError, match="top_k"):
         mean_average_precision(codes, codes, np.zeros(4, int), np.zeros(4, int), top_k=top_k)
+
+
+def test_chance_map_and_health_warnings():
+    from tbhvae.evaluation import chance_map, code_statistics, health_warnings
+    db_labels, query_labels = np.repeat(np.arange(10), 300), np.repeat(np.arange(10), 20)
+    chance = chance_map(query_labels, db_labels)
+    assert chance == pytest.approx(0.1, abs=0.01)
+    collapsed = np.ones((3000, 16), np.uint8)
+    metrics = {"map@1000": chance, **code_statistics(collapsed)}
+    warnings = health_warnings(metrics, chance, 3000)
+    assert len(warnings) == 4 and "at chance" in warnings[0] and "collapsed" in warnings[1]
+    perfect = np.unpackbits(np.arange(10, dtype=np.uint8)[:, None], axis=1)[db_labels]
+    rng = np.random.default_rng(0)
+    healthy = np.concatenate([perfect, rng.integers(0, 2, (3000, 8), dtype=np.uint8)], axis=1)
+    healthy[:, :4] = rng.integers(0, 2, (3000, 4))  # the 4 always-zero high bits of a class id < 16
+    metrics = {"map@1000": 0.6, **code_statistics(healthy)}
+    assert health_warnings(metrics, chance, 3000) == []

@@ -118,6 +118,21 @@ def _vae_config(**overrides):
     return Config(**{**settings, **overrides}).validate()
 
 
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_the_tc_floor_uses_the_support_of_the_estimated_aggregate_posterior(estimator, monkeypatch):
+    # MSS estimates q(b) over the N training codes, MWS over the B codes of the batch (objectives.tc_floor).
+    from tbhvae import objectives
+    calls = []
+    floor = objectives.tc_floor
+    monkeypatch.setattr(objectives, "tc_floor", lambda bits, support: calls.append((bits, int(support)))
+                        or floor(bits, support))
+    model = TwinBottleneckHashing(_vae_config(tc_estimator=estimator), input_dim=12, dataset_size=100)
+    model.build_all()
+    out = model.forward(tf.random.stateless_uniform([16, 12], seed=[5, 6]), tf.constant([1, 2]), training=True)
+    model.loss_terms(out, None)
+    assert calls == [(8, 100 if estimator == "mss" else 16)]
+
+
 def test_mss_refuses_a_dataset_smaller_than_the_batch():
     with pytest.raises(ValueError, match="dataset_size >= batch_size"):
         TwinBottleneckHashing(_vae_config(batch_size=64), input_dim=12, dataset_size=40)

@@ -3,7 +3,8 @@
 One test, two sessions: the workers are stopped with SIGTERM (sent to the
 non-chief only) after the first checkpoint, then rerun to the end. Checks
 that both stop at the same step, that both resume from the chief's
-checkpoint, that they finish with identical weights equal to the chief's
+checkpoint at that step (the step each second session starts at is
+recorded), that they finish with identical weights equal to the chief's
 final checkpoint, and that only the chief writes into --model_dir (the
 non-chief's checkpoints go to a temporary directory that is removed).
 Each session costs about 25 s on two idle cores, mostly TensorFlow start-up.
@@ -22,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from conftest import REPO_ROOT
+from test_reliability import first_logged_step_per_session
 from test_training import synthetic_features
 from tbhvae import config as config_lib
 from tbhvae import training
@@ -32,8 +34,13 @@ SETTINGS = dict(hidden_dim=32, continuous_dim=16, bits=8, batch_size=64, log_eve
                 eval_every=0, geco_calibration_steps=5, geco_warmup=10)
 
 # Runs the training CLI in-process and saves the final weights (by variable path) to argv[1].
+# Also writes the session's start (the step training resumes at, and the optimiser's iteration count
+# then) as JSON next to the weights, before the first training step.
 WORKER = '''
+import inspect
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +49,7 @@ from tbhvae.cli import train as cli
 
 weights_path = sys.argv.pop(1)
 evaluate = training.final_evaluation
+fit = training._fit_and_evaluate
 
 
 def save_weights_then_evaluate(model, *args, **kwargs):
@@ -49,7 +57,16 @@ def save_weights_then_evaluate(model, *args, **kwargs):
     return evaluate(model, *args, **kwargs)
 
 
+def record_start_then_fit(*args, **kwargs):
+    arguments = inspect.signature(fit).bind(*args, **kwargs).arguments
+    start = {"start_step": int(arguments["start_step"]),
+             "iterations": int(arguments["model"].actor_optimizer.iterations.numpy())}
+    Path(weights_path).with_name("start.json").write_text(json.dumps(start))
+    return fit(*args, **kwargs)
+
+
 training.final_evaluation = save_weights_then_evaluate
+training._fit_and_evaluate = record_start_then_fit
 cli.run()
 '''
 
@@ -105,6 +122,11 @@ def stderr_of(tmp_path, session, index):
     return (tmp_path / f"{session}{index}" / "stderr").read_text()
 
 
+def start_of(tmp_path, session, index):
+    """Where worker `index` started training in `session` (written by WORKER)."""
+    return json.loads((tmp_path / f"{session}{index}" / "start.json").read_text())
+
+
 def test_two_workers_stop_together_resume_and_end_with_identical_weights(tmp_path):
     features = save_features(tmp_path / "features.npz", synthetic_features(n=256, q=32))
     model_dir = tmp_path / "run"
@@ -124,6 +146,7 @@ def test_two_workers_stop_together_resume_and_end_with_identical_weights(tmp_pat
     assert 0 < stopped_at < STEPS
     assert tf.train.latest_checkpoint(str(model_dir / "checkpoints")).endswith(f"ckpt-{stopped_at}")
     assert not list((tmp_path / "first1" / "tmp").iterdir())  # the non-chief removed its checkpoints
+    assert [start_of(tmp_path, "first", i) for i in range(2)] == [{"start_step": 0, "iterations": 0}] * 2
 
     # Session 2: the same command resumes on both workers and runs to the end.
     workers = start_workers(tmp_path, "second", features, model_dir)
@@ -133,6 +156,12 @@ def test_two_workers_stop_together_resume_and_end_with_identical_weights(tmp_pat
     assert private and not list((tmp_path / "second1" / "tmp").iterdir())
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["steps"] == STEPS and metrics["replicas"] == 2
+    # Both workers started the second session at the step the first one stopped (and checkpointed) at,
+    # and the chief's second session logged its first step right after it, not from step 0.
+    resumed = {"start_step": stopped_at, "iterations": stopped_at}
+    assert [start_of(tmp_path, "second", i) for i in range(2)] == [resumed] * 2
+    log_every = SETTINGS["log_every"]
+    assert first_logged_step_per_session(model_dir) == [log_every, (stopped_at // log_every + 1) * log_every]
 
     chief, other = (np.load(tmp_path / f"second{i}" / "weights.npz") for i in range(2))
     assert chief.files == other.files and len(chief.files) > 10

@@ -140,6 +140,13 @@ def test_terms_of_known_code_sets(estimator, marginals):
     assert float(duplicated["total_correlation"]) == pytest.approx((BITS - 1) * entropy, abs=0.1)
 
 
+def test_tc_floor_is_zero_when_the_support_can_hold_every_code():
+    # With S >= 2^M codes an aggregate posterior can be uniform over all codes: no unavoidable TC.
+    assert float(objectives.tc_floor(8, 1000)) == 0.0
+    assert float(objectives.tc_floor(8, 256)) == pytest.approx(0.0, abs=1e-5)
+    assert float(objectives.tc_floor(16, 400)) == pytest.approx(16 * math.log(2) - math.log(400), rel=1e-6)
+
+
 def _penalty(codes, alpha, beta, gamma, hinge):
     terms = _terms(codes, "mss", "batch_mean")
     floor = objectives.tc_floor(BITS, DATASET) if hinge else 0.0

@@ -234,3 +234,27 @@ def test_cli_with_a_config_file_that_exits_fails_with_one_line(tmp_path, feature
     assert result.returncode == 2
     assert "instead of returning a Config" in error_line(result.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_rerunning_a_finished_run_changes_nothing_unless_asked(tmp_path):
+    from test_reliability import run_cli, train_command
+    features = tmp_path / "features.npz"
+    save_features(features, synthetic_features(n=256, q=32))
+    model_dir = tmp_path / "run"
+    command = train_command(features, model_dir, "--steps", "20", "--set", "eval_every=0")
+    first = run_cli(command)
+    assert first.returncode == 0, first.stderr
+    metrics = (model_dir / "metrics.json").read_bytes()
+    saved = json.loads(metrics)
+    assert saved["train_seconds"] > 0 and saved["evaluation_seconds"] > 0
+    events = sorted((model_dir / "logs" / "train").iterdir())
+    again = run_cli(command)
+    assert again.returncode == 0, again.stderr
+    assert "run already complete (20 steps)" in again.stdout
+    assert (model_dir / "metrics.json").read_bytes() == metrics
+    assert sorted((model_dir / "logs" / "train").iterdir()) == events
+    reevaluated = run_cli(command + ["--reevaluate"])
+    assert reevaluated.returncode == 0, reevaluated.stderr
+    # no step trained: the training time stays (up to the tail after the last checkpoint)
+    assert json.loads((model_dir / "metrics.json").read_text())["train_seconds"] == pytest.approx(
+        saved["train_seconds"], rel=0.15)

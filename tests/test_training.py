@@ -66,6 +66,104 @@ def test_two_replicas_stay_identical_and_learn(tmp_path, bottlenecks, jit):
         assert "total_correlation" in metrics
 
 
+# One step of plain SGD (update = -lr * gradient, no state) exposes the scale of the gradient that
+# Adam's normalised first step hides. A replica's loss is a function of its half of the global batch
+# only: the batch graph, the critics' and the reconstruction's means and the TC terms are per-replica
+# statistics. So a 2-replica step is NOT the 1-device step on the whole batch, but it must be the mean
+# of the 1-device steps on the two halves (mean-type losses are divided by the replica count before
+# the optimiser sums the replicas' gradients) or, for the batch-sum reconstruction, their sum.
+REPLICA_STEP_CASES = {
+    "tbh_mean": dict(reconstruction="mean"),
+    "tbh_sum": dict(reconstruction="sum", adversarial_weight=0.0),  # actor = the batch-sum reconstruction
+    "tbhvae": dict(binary_bottleneck="betatcvae", continuous_bottleneck="geco_vae", binary_threshold="uniform",
+                   geco_kappa=0.1, geco_warmup=10, similarity_weight=0.1, decorrelation_weight=1.0),
+}
+
+
+def _sgd_step_updates(strategy, config, weights, halves, step_of_replica):
+    """Runs one train_step under `strategy` from `weights` and returns (trainable updates, GECO state).
+
+    With one replica `halves` holds one batch and the step runs at iteration step_of_replica[0] (the
+    seed of a step depends on iteration * replicas + replica id: on one device iteration 1 draws what
+    replica 1 draws at iteration 0 on two). Only the seed depends on the iteration here: SGD has no
+    schedule and GECO's multiplier stays put during its warm-up.
+    """
+    import keras
+    from tbhvae.models import TwinBottleneckHashing
+
+    with strategy.scope():
+        model = TwinBottleneckHashing(config, halves[0].shape[1], dataset_size=1000)
+        actor, critic = keras.optimizers.SGD(0.05), keras.optimizers.SGD(0.05)
+        model.compile(actor_optimizer=actor, critic_optimizer=critic, optimizer=actor)
+        model.build_all()
+    model.set_weights(weights)
+    actor.iterations.assign(step_of_replica[0])
+    before = [np.asarray(v) for v in model.trainable_variables]
+    if strategy.num_replicas_in_sync == 1:
+        tf.function(model.train_step)(tf.constant(halves[0]))
+    else:
+        batch = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(halves[context.replica_id_in_sync_group]))
+        tf.function(lambda x: strategy.run(model.train_step, args=(x,)))(batch)
+    for variable in model.variables:  # every replica holds the same values after the step
+        copies = [np.asarray(c) for c in strategy.experimental_local_results(variable.value)]
+        for copy in copies[1:]:
+            np.testing.assert_array_equal(copy, copies[0], err_msg=variable.path)
+    updates = [np.asarray(v) - b for v, b in zip(model.trainable_variables, before)]
+    geco = {w.name: float(np.asarray(w)) for w in model.geco.weights} if model.geco is not None else {}
+    return updates, model, geco
+
+
+@pytest.mark.parametrize("case", sorted(REPLICA_STEP_CASES))
+def test_a_two_replica_step_is_the_mean_of_the_per_replica_steps(case):
+    from tbhvae.models import TwinBottleneckHashing
+
+    config = Config(name="t", bits=8, hidden_dim=16, continuous_dim=8, batch_size=32, input_scaling="standardize",
+                    **REPLICA_STEP_CASES[case]).validate()
+    features = synthetic_features(n=32, dim=12, seed=3).train_features
+    halves = [features[:16], features[16:]]
+    reference = TwinBottleneckHashing(config, 12, dataset_size=1000)
+    reference.adapt(features)
+    reference.build_all()
+    weights = reference.get_weights()
+    one_device = tf.distribute.get_strategy()
+    first, model, geco_first = _sgd_step_updates(one_device, config, weights, halves[:1], [0])
+    second, _, geco_second = _sgd_step_updates(one_device, config, weights, halves[1:], [1])
+    both, _, geco_both = _sgd_step_updates(two_replicas(), config, weights, halves, [0])
+
+    critics = {id(v) for v in model.critic_variables}
+    batch_sum_actor = config.continuous_bottleneck != "geco_vae" and config.reconstruction == "sum"
+    moved = 0.0
+    for variable, u1, u2, u in zip(model.trainable_variables, first, second, both):
+        share = 1.0 if batch_sum_actor and id(variable) not in critics else 0.5
+        expected = share * (u1 + u2)
+        moved = max(moved, float(np.abs(expected).max()))
+        np.testing.assert_allclose(u, expected, rtol=1e-4, atol=1e-6 + 1e-4 * float(np.abs(expected).max()),
+                                   err_msg=variable.path)
+    assert moved > 1e-3  # the step did move the weights
+    if geco_both:
+        # GECO sees the all-reduced mean MSE: its constraint average is the mean of the halves' ones
+        # (the warm-up sets it to the constraint), and lambda does not move during the warm-up.
+        for name in ("constraint_average", "log_lambda"):
+            assert geco_both[name] == pytest.approx((geco_first[name] + geco_second[name]) / 2, rel=1e-5), name
+        assert geco_first["constraint_average"] != pytest.approx(geco_second["constraint_average"], rel=1e-3)
+
+
+def test_pipeline_at_a_start_step_continues_the_uninterrupted_one():
+    features = np.repeat(np.arange(100, dtype=np.float32)[:, None], 3, axis=1)  # row i holds i
+    steps_per_epoch = 100 // 32
+    straight = [b.numpy() for b in training.train_dataset(features, 32, seed=7).take(8)]
+    resumed = [b.numpy() for b in training.train_dataset(features, 32, seed=7, start_step=5).take(3)]
+    for step, batch in enumerate(resumed, start=5):
+        np.testing.assert_array_equal(batch, straight[step], err_msg=f"step {step}")
+    # each epoch is a permutation: no row twice within an epoch, a new order in the next one
+    first_epoch = np.concatenate(straight[:steps_per_epoch])
+    assert len(np.unique(first_epoch, axis=0)) == len(first_epoch)
+    assert not np.array_equal(straight[0], straight[steps_per_epoch])
+    other_seed = next(iter(training.train_dataset(features, 32, seed=8))).numpy()
+    assert not np.array_equal(other_seed, straight[0])
+
+
 def test_loss_decreases_on_real_features(tmp_path, cifar_features):
     config = Config(name="t", steps=60, **{**SMALL, "batch_size": 200, "bits": 16, "hidden_dim": 256,
                                            "reconstruction": "sum", "learning_rate": 1e-3})
@@ -104,9 +202,25 @@ def test_resume_continues_at_the_right_step_with_the_same_state(tmp_path):
     assert any(np.abs(np.asarray(v)).sum() > 0 for v in actor.variables[2:])  # Adam moments restored
     resumed = training.train(base, tmp_path / "resumed", strategy=two_replicas(), feature_set=features)
     assert resumed["steps"] == 20
-    assert resumed["map@1000"] == pytest.approx(straight["map@1000"], abs=1e-6)
     saved = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert saved["steps"] == 20
+    # Tensor by tensor: the checkpoints at step 10 (written by the first session) and at step 20 equal
+    # the uninterrupted run's, weights, optimiser slots and iteration counts alike. A resumed session that
+    # fed batches 0, 1, ... again would end with other weights even where its mAP happens to agree.
+    for step in (10, 20):
+        expected = checkpoint_tensors(tmp_path / "straight" / "checkpoints" / f"ckpt-{step}")
+        got = checkpoint_tensors(tmp_path / "resumed" / "checkpoints" / f"ckpt-{step}")
+        assert got.keys() == expected.keys() and len(got) > 20
+        for name, value in expected.items():
+            np.testing.assert_array_equal(got[name], value, err_msg=f"ckpt-{step}: {name}")
+    assert resumed["map@1000"] == pytest.approx(straight["map@1000"], abs=1e-6)
+
+
+def checkpoint_tensors(prefix) -> dict:
+    """Every saved tensor of a checkpoint but the run's bookkeeping (timings) and the save counter."""
+    reader = tf.train.load_checkpoint(str(prefix))
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(str(prefix))
+            if not name.startswith(("save_counter", "_CHECKPOINTABLE_OBJECT_GRAPH", "run_totals"))}
 
 
 def test_codes_are_deterministic_at_test_time(tmp_path):
@@ -133,3 +247,40 @@ def test_incompatible_run_directory_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="not divisible"):
         training.train(config.replace(batch_size=63), tmp_path / "other", strategy=two_replicas(),
                        feature_set=features)
+
+
+def test_bfloat16_under_two_replicas_is_finite_identical_and_restores_the_policy(tmp_path):
+    import keras
+    features = synthetic_features(n=256)
+    config = Config(name="t", steps=12, mixed_precision="mixed_bfloat16", binary_bottleneck="betatcvae",
+                    continuous_bottleneck="geco_vae", binary_threshold="uniform", similarity_weight=1.0,
+                    similarity_target="anchor", anchors=16, geco_calibration_steps=4, geco_warmup=4,
+                    **{**SMALL, "eval_every": 0, "checkpoint_every": 12})
+    strategy = two_replicas()
+    captured = {}
+    original = training.final_evaluation
+    training.final_evaluation = lambda model, *a, **k: captured.setdefault("m", model) and original(model, *a, **k)
+    try:
+        metrics = training.train(config, tmp_path, strategy=strategy, feature_set=features)
+    finally:
+        training.final_evaluation = original
+    assert keras.mixed_precision.global_policy().name == "float32"
+    assert np.isfinite(list(metrics["final_train_terms"].values())).all()
+    model = captured["m"]
+    assert model.encoder_hidden.compute_dtype == "bfloat16" and model.encoder_hidden.kernel.dtype == "float32"
+    assert model.geco.log_lambda.dtype == "float32" and model.anchor_graph.centres.dtype == "float32"
+    for variable in model.variables:
+        values = [np.asarray(v) for v in strategy.experimental_local_results(variable.value)]
+        np.testing.assert_array_equal(values[0], values[1], err_msg=variable.path)
+
+
+def test_progress_is_a_line_per_interval_with_an_eta_when_not_a_terminal():
+    import io
+    stream = io.StringIO()
+    progress = training._LineProgress(total=100, every=10, stream=stream)
+    for step in range(0, 101, 5):
+        progress.update(step, values=[("loss", 1.5), ("mse", 0.25)], finalize=step == 100)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and "\x1b" not in stream.getvalue()
+    assert lines[0].startswith("step 10/100 (10%)  loss 1.5  mse 0.25") and "ETA" in lines[0]
+    assert lines[-1].startswith("step 100/100 (100%)") and lines[-1].endswith("done")

@@ -24,6 +24,8 @@ flags.DEFINE_integer("bits", None, "Code length M (overrides the config).")
 flags.DEFINE_integer("steps", None, "Total training steps (overrides the config).")
 flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multiworker"],
                   "tf.distribute strategy; multiworker reads the cluster from TF_CONFIG.")
+flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise rerunning a finished run "
+                  "only says where its metrics are).")
 flags.DEFINE_bool("fresh", False, "Discard the run already in --model_dir (only the files tbhvae wrote; "
                   "refused for a directory that is not a tbhvae run) and start over.")
 
@@ -64,6 +66,11 @@ def main(argv):
     from tbhvae import training
 
     model_dir = FLAGS.model_dir or f"runs/{config.name}_{config.bits}b"
+    finished = None if FLAGS.fresh or FLAGS.reevaluate else training.finished_steps(model_dir, config)
+    if finished is not None:
+        print(f"run already complete ({finished} steps); metrics in {model_dir}/metrics.json "
+              f"(--reevaluate to evaluate again, --steps N to train further)")
+        return
     try:
         strategy = training.make_strategy(FLAGS.strategy)  # first TF op: multiworker needs that
         metrics = training.train(config, model_dir, strategy=strategy, fresh=FLAGS.fresh, feature_set=feature_set)
