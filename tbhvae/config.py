@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import inspect
 import json
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -27,11 +29,11 @@ class ConfigError(ValueError):
 class Config:
     """Everything that defines a training run. Units in the comments."""
 
-    name: str = "tbh"
+    name: str = "tbh"  # run name (default run directory runs/<name>_<bits>b)
     # --- data ---------------------------------------------------------------
     features: str = ""  # feature .npz; empty: extract from `images` with `backbone`
     images: str = "tfds:cifar10"  # image source for extraction ("tfds:NAME" or JPEG .npz)
-    backbone: str = "vgg16_fc7"
+    backbone: str = "vgg16_fc7"  # feature extractor for `images` (see tbhvae.data.extraction)
     backbone_weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
     data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
     cache_dir: str = "~/.cache/tbhvae"  # extracted feature cache
@@ -40,18 +42,18 @@ class Config:
     bits: int = 32  # M, binary code length
     continuous_dim: int = 512  # size of the continuous bottleneck z
     hidden_dim: int = 1024  # encoder/decoder hidden width
-    binary_bottleneck: str = "adversarial"  # one of BINARY_BOTTLENECKS
-    continuous_bottleneck: str = "adversarial"  # one of CONTINUOUS_BOTTLENECKS
+    binary_bottleneck: str = "adversarial"  # "adversarial" (TBH) | "betatcvae" (TBH-VAE)
+    continuous_bottleneck: str = "adversarial"  # "adversarial" (TBH) | "geco_vae" (TBH-VAE)
     binary_threshold: str = "fixed"  # "fixed" eps=0.5 (reference code) | "uniform" eps~U(0,1) (paper)
     continuous_activation: str = "sigmoid"  # TBH's z activation: "sigmoid" | "linear"
     graph_exponent: float = 1.4  # gamma in A = (1 - d_H/M)^gamma (1.4 code, 1.0 paper)
     decoder_activation: str = "relu"  # "relu" (reference) | "linear"
     discriminator: str = "linear"  # "linear" single Dense (reference) | "mlp"
-    discriminator_hidden: int = 256
+    discriminator_hidden: int = 256  # hidden width of the "mlp" critic
     # --- objectives ---------------------------------------------------------
     reconstruction: str = "sum"  # "sum" = l2_loss over the batch (reference) | "mean" per element
     reconstruction_weight: float = 1.0  # multiplies the reconstruction loss (models without GECO)
-    adversarial_weight: float = 1.0
+    adversarial_weight: float = 1.0  # weight of both adversarial terms in the encoder's loss
     # beta-TCVAE penalty alpha*MI + beta*max(0, TC - floor) + gamma*DWKL. alpha = 0 and beta = gamma
     # (the aggregate KL(q(b) || p(b)), InfoVAE-like) with the floor hinged is the setting whose
     # minimum is balanced, independent bits; the paper's (1, 6, 1) without the hinge rewards fewer bits.
@@ -79,19 +81,19 @@ class Config:
     geco_log_lambda_range: float = 7.0  # log(lambda) stays within log(lambda_init) +- range
     # --- optimisation -------------------------------------------------------
     batch_size: int = 400  # global batch (all replicas)
-    steps: int = 5000
-    learning_rate: float = 1e-4
-    critic_learning_rate: float = 1e-4
-    seed: int = 0
+    steps: int = 5000  # total training steps (a resumed run continues to this count)
+    learning_rate: float = 1e-4  # Adam, encoder and decoder
+    critic_learning_rate: float = 1e-4  # Adam, the adversarial critics
+    seed: int = 0  # every random draw (initialisation, batches, sampling, anchors)
     jit_compile: bool = False  # XLA: slower than TF's own CPU kernels here (BENCHMARKS.md); true on GPUs
-    steps_per_execution: int = 50
+    steps_per_execution: int = 50  # steps per tf.function call (1 with several replicas)
     mixed_precision: str = "float32"  # "float32" | "mixed_float16" | "mixed_bfloat16"
     # --- logging / evaluation -----------------------------------------------
     log_every: int = 100  # steps between TensorBoard scalars
     eval_every: int = 1000  # steps between mAP evaluations (0 = only at the end)
     eval_queries: int = 1000  # held-out queries for the periodic evaluation
-    checkpoint_every: int = 1000
-    checkpoints_to_keep: int = 3
+    checkpoint_every: int = 1000  # steps between checkpoints
+    checkpoints_to_keep: int = 3  # newest checkpoints kept
     final_eval_queries: str = "all"  # "all" test queries (q10k) | "per_class_100" (q1k)
 
     def validate(self) -> "Config":
@@ -142,6 +144,21 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def describe_keys() -> str:
+    """One line per config key: name, type, default and the comment beside it in `Config`.
+
+    Read from this module's source, so `train.py --help` cannot go stale.
+    """
+    comments = {}
+    for line in inspect.getsource(Config).splitlines():
+        match = re.match(r"\s+(\w+): \w+ = [^#]*#\s*(.*)", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return "\n".join(f"  {field.name} ({_FIELD_TYPES[field.name].__name__}, default {field.default!r}): "
+                     f"{comments.get(field.name, '')}".rstrip(": ")
+                     for field in dataclasses.fields(Config))
 
 
 def _choice(config: Config, key: str, options: tuple[str, ...]) -> None:

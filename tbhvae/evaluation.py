@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -168,7 +169,21 @@ def distance_histograms(query_codes, db_codes, query_labels, db_labels) -> Dista
     bounds = np.linspace(0, q, workers + 1).astype(int)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(count_range, bounds[:-1], bounds[1:]))
+    _warn_about_labels(relevant, counts)
     return DistanceHistograms(counts, relevant)
+
+
+def _warn_about_labels(relevant: np.ndarray, counts: np.ndarray) -> None:
+    """Warns when some queries can never score (no relevant database item) or every item is relevant."""
+    totals = relevant.sum(axis=1)
+    without = int((totals == 0).sum())
+    if without:
+        warnings.warn(f"{without} of {len(totals)} queries have no relevant item in the database (a class "
+                      f"or label set absent there); they score AP 0 and precision 0, and are left out of recall",
+                      stacklevel=3)
+    if np.all(totals == counts.sum(axis=1)):
+        warnings.warn("every database item is relevant to every query (one class?): any codes score mAP 1",
+                      stacklevel=3)
 
 
 def _harmonic(n: int) -> np.ndarray:

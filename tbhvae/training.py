@@ -454,15 +454,16 @@ class _LineProgress:
     def __init__(self, total: int, every: int, stream=None):
         self.total, self.every = total, every
         self.stream = stream or sys.stdout
-        self.started = self.first_step = None
+        self.started = self.first_step = self.last_printed = None
 
     def update(self, step: int, values=(), finalize: bool = False) -> None:
         now = time.perf_counter()
         if self.started is None:
             self.started, self.first_step = now, step
             return
-        if not finalize and step % self.every:
+        if (not finalize and step % self.every) or step == self.last_printed:
             return
+        self.last_printed = step
         rate = (step - self.first_step) / max(now - self.started, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         shown = "  ".join(f"{name} {value:.4g}" for name, value in values)

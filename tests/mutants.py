@@ -48,6 +48,14 @@ class Mutation:
     select: str = ""  # pytest -k expression ("" = every test in `tests`)
     why: str = ""
 
+    def __post_init__(self):
+        assert self.original != self.replacement and self.tests, self.name
+
+    def located(self, root: Path) -> int:
+        """How often the original text occurs in the file under `root` (it must be exactly once)."""
+        path = root / self.file
+        return path.read_text().count(self.original) if path.is_file() else 0
+
 
 MUTATIONS = (
     # ---- the bugs planted in issue 13 ------------------------------------------------------------
@@ -66,6 +74,16 @@ MUTATIONS = (
              "scaled_actor = actor_mean + actor_sum",
              ("tests/test_training.py",), "replica_step",
              "gradients summed over replicas without the 1 / replicas of mean-type terms"),
+    Mutation("critic_replica_scaling_dropped", "tbhvae/models.py",
+             "scaled_critic = critic_loss / num_replicas",
+             "scaled_critic = critic_loss",
+             ("tests/test_training.py",), "replica_step",
+             "the critics' gradients summed over replicas without the 1 / replicas"),
+    Mutation("geco_mse_summed_over_replicas", "tbhvae/models.py",
+             'global_mse = replica.all_reduce("sum", terms["mse"]) / num_replicas if replica else terms["mse"]',
+             'global_mse = replica.all_reduce("sum", terms["mse"]) if replica else terms["mse"]',
+             ("tests/test_training.py",), "replica_step",
+             "GECO updated from the sum of the replicas' MSEs instead of their mean"),
     Mutation("resume_restarts_at_batch_0", "tbhvae/training.py",
              "train_dataset(feature_set.train_features, config.batch_size, config.seed, start_step)",
              "train_dataset(feature_set.train_features, config.batch_size, config.seed, 0)",
@@ -211,8 +229,8 @@ def run_pytest(copy: Path, args: list[str], basetemp: Path, timeout: float) -> t
     """Runs pytest in the copy (its tbhvae first on sys.path): (exit code or None on timeout, output, seconds)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(copy), *filter(None, [os.environ.get("PYTHONPATH")])]),
                PYTHONDONTWRITEBYTECODE="1")
-    command = [sys.executable, "-c", _BOOT, str(copy), "-x", "-q", "-rfE", "-p", "no:cacheprovider",
-               f"--basetemp={basetemp}", *args]
+    command = [sys.executable, "-c", _BOOT, str(copy), "-x", "-q", "-rfE", "--tb=short", "--show-capture=no",
+               "-p", "no:cacheprovider", f"--basetemp={basetemp}", *args]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -238,14 +256,12 @@ def first_failure(output: str) -> str:
 
 
 def check(mutation: Mutation, copy: Path, scratch: Path, timeout: float) -> Result:
-    path = copy / mutation.file
-    if not path.is_file():
-        return Result(mutation.name, "NOT FOUND", f"no file {mutation.file}")
-    original = path.read_text()
-    count = original.count(mutation.original)
+    count = mutation.located(copy)
     if count != 1:
         return Result(mutation.name, "NOT FOUND" if count == 0 else "AMBIGUOUS",
-                      f"original text occurs {count} times in {mutation.file}")
+                      f"(its text occurs {count} times in {mutation.file})")
+    path = copy / mutation.file
+    original = path.read_text()
     path.write_text(original.replace(mutation.original, mutation.replacement))
     try:
         code, output, seconds = run_pytest(copy, pytest_args(mutation), scratch / f"pytest-{mutation.name}", timeout)
@@ -318,11 +334,14 @@ def main(argv=None) -> int:
     chosen = [known[n] for n in args.names] if args.names else list(MUTATIONS)
     if args.list:
         for m in chosen:
-            path = REPO_ROOT / m.file
-            found = path.is_file() and path.read_text().count(m.original) == 1
+            found = m.located(REPO_ROOT) == 1
             print(f"{m.name}: {m.file}{'' if found else ' (TEXT NOT FOUND EXACTLY ONCE)'}: {m.why}\n"
                   f"    runs {' '.join(pytest_args(m))}")
         return 0
+    assert len(known) == len(MUTATIONS), "mutation names must be unique"
+    for m in chosen:
+        if m.located(REPO_ROOT) != 1:
+            print(f"{m.name}: its original text is not exactly once in {m.file}; update the entry", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="tbhvae-mutants-") as scratch_name:
         scratch = Path(scratch_name)
@@ -335,16 +354,16 @@ def main(argv=None) -> int:
         for mutation in chosen:
             result = check(mutation, copy, scratch, args.timeout)
             results.append(result)
-            print(f"{mutation.name}: {result.status} {result.caught_by} ({result.seconds:.0f} s)".replace("  ", " "),
-                  flush=True)
+            print(f"{mutation.name}: {' '.join(filter(None, [result.status, result.caught_by]))} "
+                  f"({result.seconds:.0f} s)", flush=True)
             if result.status != "caught" or args.verbose:
                 if result.output:
                     print(_tail(result.output), flush=True)
-    imported = {m.group(1) for r in results for m in [re.search(r"mutants: tbhvae imported from (\S+)", r.output)] if m}
     ran = [r for r in results if r.output]
-    if ran:
-        print(f"\ntbhvae imported from {', '.join(sorted(imported)) or 'nowhere?'} "
-              f"({sum(bool(re.search('mutants: tbhvae imported from', r.output)) for r in ran)} of {len(ran)} runs)")
+    imported = [re.search(r"mutants: tbhvae imported from (\S+)", r.output) for r in ran]
+    if ran:  # (the copy is gone by now; the path shows it was the copy's package)
+        print(f"\ntbhvae imported from {', '.join(sorted({m.group(1) for m in imported if m})) or '?'} "
+              f"in {sum(bool(m) for m in imported)} of {len(ran)} pytest runs")
     print()
     print(format_table(results))
     bad = [r for r in results if r.status != "caught"]

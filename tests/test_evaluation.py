@@ -313,3 +313,14 @@ def test_chance_map_and_health_warnings():
     healthy[:, :4] = rng.integers(0, 2, (3000, 4))  # the 4 always-zero high bits of a class id < 16
     metrics = {"map@1000": 0.6, **code_statistics(healthy)}
     assert health_warnings(metrics, chance, 3000) == []
+
+
+def test_queries_that_cannot_score_are_warned_about_and_count_as_zero():
+    codes = np.array([[0, 0], [0, 1], [1, 1]], np.uint8)
+    with pytest.warns(UserWarning, match="1 of 2 queries have no relevant item"):
+        score = mean_average_precision(codes[:2], codes, np.array([0, 7]), np.array([0, 0, 1]), top_k=None)
+    assert score == pytest.approx(0.5)  # query 0: AP 1, query 1 (class 7 absent): AP 0
+    with pytest.warns(UserWarning, match="no relevant item"):  # a multi-hot query without labels
+        mean_average_precision(codes[:1], codes, np.array([[0, 0]]), np.array([[1, 0], [0, 1], [1, 1]]))
+    with pytest.warns(UserWarning, match="every database item is relevant"):
+        mean_average_precision(codes, codes, np.zeros(3, int), np.zeros(3, int))

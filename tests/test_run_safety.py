@@ -258,3 +258,22 @@ def test_rerunning_a_finished_run_changes_nothing_unless_asked(tmp_path):
     # no step trained: the training time stays (up to the tail after the last checkpoint)
     assert json.loads((model_dir / "metrics.json").read_text())["train_seconds"] == pytest.approx(
         saved["train_seconds"], rel=0.15)
+
+
+def test_train_help_lists_every_flag_and_config_key_and_print_config_resolves():
+    import dataclasses
+    from tbhvae.config import Config
+    help_text = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--help"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120).stdout
+    flat = " ".join(help_text.split())
+    for flag in ("--config", "--set", "--model_dir", "--features", "--bits", "--steps", "--strategy", "--[no]fresh",
+                 "--[no]reevaluate", "--[no]print_config"):
+        assert flag in flat, flag
+    for field in dataclasses.fields(Config):
+        assert f"{field.name} (" in flat, field.name
+    printed = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--config",
+                              str(REPO_ROOT / "configs" / "cifar10_tbhvae.py"), "--bits", "16", "--set",
+                              "seed=3", "--print_config"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    resolved = json.loads(printed.stdout)
+    assert resolved["bits"] == 16 and resolved["seed"] == 3 and resolved["binary_bottleneck"] == "betatcvae"

@@ -16,7 +16,15 @@ from tbhvae.cli import fail, run_main
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("config", "configs/cifar10_tbhvae.py", "Config file (.py with get_config(), or .json).")
-flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable).")
+flags.DEFINE_bool("print_config", False, "Print the resolved config (file + overrides) as JSON and exit.")
+
+
+def _set_help() -> str:
+    from tbhvae.config import describe_keys  # no TensorFlow: --help stays fast
+    return "Config override key=value (repeatable). Keys:\n" + describe_keys()
+
+
+flags.DEFINE_multi_string("set", [], _set_help())
 flags.DEFINE_string("model_dir", None, "Run directory (default runs/<config name>_<bits>b); "
                     "rerunning with the same directory resumes.")
 flags.DEFINE_string("features", None, "Feature .npz (skips TFDS download and backbone extraction).")
@@ -57,6 +65,9 @@ def main(argv):
 
     try:  # cheap checks first, so bad input fails fast and before TensorFlow starts
         config = load_checked_config()
+        if FLAGS.print_config:
+            print(config.to_json())
+            return
         feature_set = load_features(config.features) if config.features else None
     except (ConfigError, DataError) as err:
         fail(str(err))
