@@ -2,6 +2,7 @@
 partial saves, versioned TFLite exports, and config files that exit."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -277,3 +278,22 @@ def test_train_help_lists_every_flag_and_config_key_and_print_config_resolves():
     assert printed.returncode == 0, printed.stderr
     resolved = json.loads(printed.stdout)
     assert resolved["bits"] == 16 and resolved["seed"] == 3 and resolved["binary_bottleneck"] == "betatcvae"
+
+
+def test_offline_download_fails_fast_and_every_suggested_flag_parses(tmp_path, monkeypatch):
+    import time as time_module
+    from tbhvae.data import DataError, images
+    monkeypatch.setattr(images, "DOWNLOAD_HOST", ("127.0.0.1", 9))  # nothing listens on the discard port
+    started = time_module.monotonic()
+    with pytest.raises(DataError, match="unreachable") as caught:
+        images._check_online("tfds:cifar10")
+    assert time_module.monotonic() - started < 10
+    # every flag the offline hints name is a real flag of train.py (and of the extraction CLI)
+    hints = caught.value.args[0] + " " + __import__("tbhvae.data.extraction", fromlist=["x"]).WEIGHTS_HINT
+    suggested = sorted(set(re.findall(r"--[a-z_]+", hints)))
+    assert {"--features", "--images", "--weights", "--data_dir"} <= set(suggested)
+    for flag in suggested:
+        value = str(tmp_path / "absent")
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), f"{flag}={value}", "--print_config"],
+                                cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert "Unknown command line flag" not in result.stderr, (flag, result.stderr)

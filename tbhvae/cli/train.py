@@ -28,6 +28,11 @@ flags.DEFINE_multi_string("set", [], _set_help())
 flags.DEFINE_string("model_dir", None, "Run directory (default runs/<config name>_<bits>b); "
                     "rerunning with the same directory resumes.")
 flags.DEFINE_string("features", None, "Feature .npz (skips TFDS download and backbone extraction).")
+flags.DEFINE_string("images", None, "Image source to extract features from: tfds:NAME or a JPEG .npz "
+                    "(config key images).")
+flags.DEFINE_string("weights", None, "Backbone weights for extraction: imagenet, none or a weights file "
+                    "(config key backbone_weights).")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (config key data_dir).")
 flags.DEFINE_integer("bits", None, "Code length M (overrides the config).")
 flags.DEFINE_integer("steps", None, "Total training steps (overrides the config).")
 flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multiworker"],
@@ -51,9 +56,10 @@ def load_checked_config():
         raise ConfigError(f"{FLAGS.config}: {type(err).__name__}: {err}; fix the config file "
                           f"(valid keys: tbhvae/config.py)") from None
     overrides = list(FLAGS.set)
-    for key in ("features", "bits", "steps"):
-        if getattr(FLAGS, key) is not None:
-            overrides.append(f"{key}={getattr(FLAGS, key)}")
+    for flag, key in (("features", "features"), ("images", "images"), ("weights", "backbone_weights"),
+                      ("data_dir", "data_dir"), ("bits", "bits"), ("steps", "steps")):
+        if getattr(FLAGS, flag) is not None:
+            overrides.append(f"{key}={getattr(FLAGS, flag)}")
     return config_lib.apply_overrides(config, overrides)
 
 

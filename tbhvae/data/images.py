@@ -22,6 +22,7 @@ Sources read lazily from `start` so that resumed extraction skips images without
 from __future__ import annotations
 
 import abc
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,21 @@ def _check_image_labels(path: Path, split: str, labels: np.ndarray, count: int,
                     f"[n, C], got shape {labels.shape} dtype {labels.dtype}")
 
 
+# Where TFDS and Keras fetch datasets and weights; one connection attempt tells "offline" in seconds,
+# where TFDS's own retries take minutes.
+DOWNLOAD_HOST = ("storage.googleapis.com", 443)
+PROBE_SECONDS = 5.0
+
+
+def _check_online(what: str) -> None:
+    """Raises DataError at once (one short connection attempt) when downloads cannot work."""
+    try:
+        socket.create_connection(DOWNLOAD_HOST, timeout=PROBE_SECONDS).close()
+    except OSError as err:
+        raise DataError(f"{what}: needs a download, but {DOWNLOAD_HOST[0]} is unreachable "
+                        f"({err.strerror or type(err).__name__}); {LOCAL_DATA_HINT}") from None
+
+
 class TfdsSource(ImageSource):
     """A TensorFlow Datasets dataset (prepared in `data_dir`, downloaded first if `download`)."""
 
@@ -154,6 +170,8 @@ class TfdsSource(ImageSource):
             raise DataError(f"{TFDS_PREFIX}{name}: not a usable TFDS dataset "
                             f"({type(err).__name__}: {_first_line(err)})") from None
         where = data_dir or "the default TFDS data_dir"
+        if download and not builder.is_prepared():
+            _check_online(f"{TFDS_PREFIX}{name}")
         if download:
             try:
                 builder.download_and_prepare()
