@@ -297,14 +297,15 @@ def _define_flags() -> None:
     flags.DEFINE_string("features", None, "Feature .npz: train split = database, test split = queries.")
     flags.DEFINE_string("images", None, "JPEG .npz aligned with the features (cifar10_jpeg.npz): images for the "
                         "figure, or what to encode when --features is not given.")
-    flags.DEFINE_integer("k", 10, "Results per query.")
-    flags.DEFINE_integer("queries", 0, "Use the first N test rows as queries (0 = all).")
+    flags.DEFINE_integer("k", 10, "Results per query.", lower_bound=1)
+    flags.DEFINE_integer("queries", 0, "Use the first N test rows as queries (0 = all).", lower_bound=0)
     flags.DEFINE_string("results", None, "Write ids and distances here (.json or .npz).")
-    flags.DEFINE_integer("show", 5, "Print the results of this many queries.")
+    flags.DEFINE_integer("show", 5, "Print the results of this many queries.", lower_bound=0)
     flags.DEFINE_bool("map", False, "Also compute mAP@1000 of the queries.")
     flags.DEFINE_string("figure", None, "Write the retrieval-examples PNG here (needs --images).")
-    flags.DEFINE_integer("figure_rows", 10, "Queries in the figure (one random query per class in turn).")
-    flags.DEFINE_integer("figure_cell", 64, "Pixel size of each image in the figure.")
+    flags.DEFINE_integer("figure_rows", 10, "Queries in the figure (one random query per class in turn).",
+                         lower_bound=1)
+    flags.DEFINE_integer("figure_cell", 64, "Pixel size of each image in the figure.", lower_bound=8)
     flags.DEFINE_integer("seed", 0, "Seed of the figure's query choice.")
     flags.DEFINE_string("logdir", None, "Also write the figure to TensorBoard here.")
 

@@ -521,14 +521,32 @@ def _decode_b64(value):
     return value
 
 
+def _checked_numbers(name: str, array: np.ndarray, dtype: tf.DType) -> np.ndarray:
+    """float64 values -> `dtype`, refusing non-finite values and what the dtype cannot hold exactly."""
+    if not np.all(np.isfinite(array)):
+        raise RestError(f"input '{name}': values must be finite numbers (got null, NaN or Infinity, "
+                        f"or a number beyond float64)")
+    if dtype.is_integer:
+        if np.any(array != np.round(array)) or np.any(array < dtype.min) or np.any(array > dtype.max):
+            raise RestError(f"input '{name}': values must be integers in [{dtype.min}, {dtype.max}] "
+                            f"({dtype.name})")
+    elif np.any(np.abs(array) > np.finfo(dtype.as_numpy_dtype).max):
+        raise RestError(f"input '{name}': values beyond the {dtype.name} range")
+    return array.astype(dtype.as_numpy_dtype)
+
+
 def _to_tensor(name: str, value, spec: tf.TensorSpec) -> tf.Tensor:
     if spec.dtype == tf.string:
         value = _decode_b64(value)
     try:
-        array = np.asarray(value, dtype=object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype)
+        # read as float64 first, so that nulls, NaN, Infinity, overflow and fractional
+        # pixels are seen before the cast to the signature's dtype could hide them
+        array = np.asarray(value, dtype=object if spec.dtype == tf.string else np.float64)
     except (TypeError, ValueError) as err:
         raise RestError(f"input '{name}': cannot be read as {spec.dtype.name} ({err}); every instance "
                         f"needs the same shape {spec.shape[1:].as_list()}") from None
+    if spec.dtype != tf.string:
+        array = _checked_numbers(name, array, spec.dtype)
     if not spec.shape.is_compatible_with(array.shape):
         raise RestError(f"input '{name}': expected shape {spec.shape.as_list()} (None = any), got "
                         f"{list(array.shape)}")
@@ -555,6 +573,10 @@ def rest_predict(loaded, body: dict | str) -> dict:
     if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
         raise RestError("request body must be a JSON object with exactly one of 'instances' (row format) "
                         "or 'inputs' (columnar format)")
+    extra = sorted(set(body) - {"instances", "inputs", "signature_name"})
+    if extra:
+        raise RestError(f"unknown request key(s) {', '.join(extra)}; a predict request has 'instances' or "
+                        f"'inputs' and optionally 'signature_name'")
     name = body.get("signature_name", "serving_default")
     if name not in loaded.signatures:
         raise RestError(f"signature_name '{name}' not found; the model has {', '.join(loaded.signatures)}")

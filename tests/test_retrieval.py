@@ -151,3 +151,12 @@ def test_command_line_build_and_query(data, tmp_path):
     with Image.open(figure) as png:
         assert (png.height, png.width) == retrieval.figure_size(4, 10, 64, 4)
         assert png.mode == "RGB"
+
+
+@pytest.mark.parametrize("flag", ["--queries=-3", "--k=0", "--show=-1", "--figure_rows=0"])
+def test_command_line_refuses_out_of_range_counts(data, tmp_path, flag):
+    result = subprocess.run([sys.executable, "-m", "tbhvae.retrieval", "query", "--encoder", str(data["folder"] / "run"),
+                             "--features", data["features"], "--index", str(tmp_path / "index.npz"), flag],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert flag.split("=")[0] in result.stderr and "nan" not in result.stdout

@@ -262,11 +262,24 @@ def test_rest_row_and_columnar_formats(exported):
     ({"instances": [[0.0] * DIM], "inputs": [[0.0] * DIM]}, "exactly one of"),
     ({"signature_name": "nope", "instances": [[0.0] * DIM]}, "signature_name 'nope' not found"),
     ("{not json", "not valid JSON"),
+    ({"instances": [[None] + [0.0] * (DIM - 1)]}, "finite numbers"),
+    ('{"instances": [[NaN' + ', 0.0' * (DIM - 1) + ']]}', "finite numbers"),
+    ('{"instances": [[Infinity' + ', 0.0' * (DIM - 1) + ']]}', "finite numbers"),
+    ('{"instances": [[1e400' + ', 0.0' * (DIM - 1) + ']]}', "finite numbers"),
+    ({"instances": [[1e39] + [0.0] * (DIM - 1)]}, "beyond the float32 range"),
+    ({"instances": [[0.0] * DIM], "signature": "serving_default"}, "unknown request key"),
 ])
 def test_rest_rejects_bad_requests(exported, body, message):
     loaded = tf.saved_model.load(str(exported[1]))
     with pytest.raises(serving.RestError, match=message):
         serving.rest_predict(loaded, body)
+
+
+def test_rest_pixels_must_be_integers_in_range():
+    np.testing.assert_array_equal(serving._checked_numbers("images", np.array([0.0, 255.0]), tf.uint8), [0, 255])
+    for bad in ([0.5], [256.0], [-1.0]):
+        with pytest.raises(serving.RestError, match=r"integers in \[0, 255\]"):
+            serving._checked_numbers("images", np.array(bad), tf.uint8)
 
 
 @pytest.mark.skipif(shutil.which("tensorflow_model_server") is None, reason="tensorflow_model_server not on PATH")

@@ -284,3 +284,27 @@ def test_progress_is_a_line_per_interval_with_an_eta_when_not_a_terminal():
     assert len(lines) == 10 and "\x1b" not in stream.getvalue()
     assert lines[0].startswith("step 10/100 (10%)  loss 1.5  mse 0.25") and "ETA" in lines[0]
     assert lines[-1].startswith("step 100/100 (100%)") and lines[-1].endswith("done")
+
+
+def test_bfloat16_loss_terms_match_float32_on_a_fixed_batch():
+    """Dense layers run in bf16 (8-bit mantissa); every term stays within 2% (or 1e-3 nats) of float32,
+    because the losses, the adjacency, the log-density sums and GECO run in float32."""
+    config = Config(bits=16, hidden_dim=64, continuous_dim=32, batch_size=64, binary_bottleneck="betatcvae",
+                    continuous_bottleneck="geco_vae", binary_threshold="uniform", similarity_weight=1.0,
+                    similarity_target="anchor", anchors=16, geco_kappa=0.5, input_scaling="l2").validate()
+    features = np.abs(np.random.default_rng(0).normal(size=(400, 48))).astype(np.float32)
+    weights, terms = None, {}
+    for policy in ("float32", "mixed_bfloat16"):
+        with training._precision_policy(policy):
+            model = training.TwinBottleneckHashing(config, 48, 400)
+            model.build_all()
+            model.adapt(features)
+            if weights is None:
+                weights = [v.numpy() for v in model.weights]
+            else:
+                for variable, value in zip(model.weights, weights):
+                    variable.assign(value)
+            out = model.forward(tf.constant(features[:64]), tf.constant([1, 2]), training=True)
+            terms[policy] = {k: float(v) for k, v in model.loss_terms(out, None)[3].items()}
+    for key, value in terms["float32"].items():
+        assert terms["mixed_bfloat16"][key] == pytest.approx(value, rel=2e-2, abs=1e-3), key
