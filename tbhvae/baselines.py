@@ -21,8 +21,10 @@ papers do; see their docstrings.
 
 Command line (database = train features, queries = test features)::
 
-    python -m tbhvae.baselines --features cifar10_effnetlite0.npz \
-        --bits 16,32,64 --json baselines.json [--methods lsh,itq] [--queries q1k]
+    python -m tbhvae.baselines --features F.npz --bits 16,32,64 --json OUT.json [--methods lsh,itq] [--queries q1k]
+
+Every entry of OUT.json also records the feature file, the query set and the
+package version that produced it.
 """
 from __future__ import annotations
 
@@ -487,6 +489,13 @@ def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {' '.join(argv[1:])}; all options are --flags")
     bits_list = _parse_bits(FLAGS.bits)
+    out = Path(FLAGS.json)
+    try:  # before the work: an unwritable --json must not cost an hour of fitting
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_name(out.name + ".probe").touch()
+        out.with_name(out.name + ".probe").unlink()
+    except OSError as err:
+        raise SystemExit(f"tbhvae-baselines: --json {out}: cannot write there ({err.strerror or err})") from None
     try:
         feature_set = load_features(FLAGS.features)
         results = run_baselines(feature_set, bits_list, FLAGS.methods, seed=FLAGS.seed,
@@ -494,8 +503,12 @@ def main(argv) -> None:
     except (DataError, ValueError) as err:
         raise SystemExit(f"tbhvae-baselines: {err}") from None
     print(markdown_table(results))
-    out = Path(FLAGS.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from tbhvae import __version__
+    provenance = {"features": str(Path(FLAGS.features).resolve()), "queries": FLAGS.queries,
+                  "tbhvae_version": __version__}
+    for per_bits in results.values():
+        for metrics in per_bits.values():
+            metrics.update(provenance)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+import tbhvae
 import pytest
 
 from tbhvae.baselines import AGH, BASELINES, ITQ, PCAH, SH, SpherH, run_baselines, select_queries
@@ -213,6 +215,9 @@ def test_cli_writes_json_with_documented_schema(tiny_npz, tmp_path):
     for method, per_bits in results.items():
         assert list(per_bits) == ["4", "8"]
         for metrics in per_bits.values():
+            provenance = {k: metrics.pop(k) for k in ("features", "queries", "tbhvae_version")}
+            assert provenance == {"features": str(tiny_npz.resolve()), "queries": "q10k",
+                                  "tbhvae_version": tbhvae.__version__}
             assert set(metrics) == {"map@1000", "map", "precision@r2", "map@1000_index_ties", "bit_balance",
                                     "min_bit_balance", "distinct_codes", "fit_seconds"}
             assert all(isinstance(v, (int, float)) for v in metrics.values())
@@ -241,6 +246,19 @@ def test_cli_bad_flags_fail_with_clear_message(tiny_npz, tmp_path, args, message
     assert result.returncode != 0
     assert message in result.stderr
     assert not out.exists()
+
+
+def test_cli_checks_the_json_path_before_fitting(tiny_npz, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_cli("--features", str(tiny_npz), "--bits", "8", "--json", str(blocker / "out.json"))
+    assert result.returncode != 0 and "cannot write there" in result.stderr
+    assert "bits: mAP@1000" not in result.stderr  # nothing was fitted
+
+
+def test_cli_help_is_readable():
+    result = run_cli("--help")
+    assert "--features F.npz --bits 16,32,64 --json OUT.json" in result.stdout
 
 
 def test_cli_missing_features_file(tmp_path):
