@@ -294,15 +294,24 @@ def radius_curves(histograms: DistanceHistograms) -> dict:
     """Precision and recall of retrieving everything within radius r = 0..M (query means).
 
     Precision is 0 for a query that retrieves nothing; recall averages over
-    queries with at least one relevant item in the database.
+    queries with at least one relevant item in the database. Also the
+    confusion counts per radius summed over queries (true/false positives and
+    negatives), for TensorBoard's PR-curve summary.
     """
     retrieved = np.cumsum(histograms.counts, axis=1)
     hits = np.cumsum(histograms.relevant, axis=1)
     precision = np.where(retrieved > 0, hits / np.maximum(retrieved, 1), 0.0).mean(axis=0)
     has_relevant = hits[:, -1] > 0
     recall = (hits[has_relevant] / hits[has_relevant, -1:]).sum(axis=0) / max(int(has_relevant.sum()), 1)
+    # counts summed over queries, as TensorBoard's PR-curve plugin takes them
+    true_positives = hits.sum(axis=0)
+    false_positives = retrieved.sum(axis=0) - true_positives
+    relevant_total = int(hits[:, -1].sum())
     return {"radius": list(range(retrieved.shape[1])), "precision": precision.tolist(),
-            "recall": recall.tolist()}
+            "recall": recall.tolist(), "true_positives": true_positives.tolist(),
+            "false_positives": false_positives.tolist(),
+            "false_negatives": (relevant_total - true_positives).tolist(),
+            "true_negatives": (int(retrieved[:, -1].sum()) - relevant_total - false_positives).tolist()}
 
 
 def mean_average_precision(query_codes, db_codes, query_labels, db_labels, top_k=1000) -> float:

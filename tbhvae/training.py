@@ -603,14 +603,9 @@ class TrainingMonitor(keras.callbacks.Callback):
         score = evaluation.mean_average_precision(query_codes, db_codes, self.features.test_labels[self.queries],
                                                   self.features.train_labels, top_k=1000)
         self.history.append((step, score))
-        bit_means = db_codes.mean(axis=0)
         with self.writer.as_default():
             tf.summary.scalar("eval/map@1000", score, step=step)
-            tf.summary.histogram("bits/mean_activation", bit_means, step=step)
-            statistics = evaluation.code_statistics(db_codes)
-            tf.summary.scalar("bits/balance", statistics["bit_balance"], step=step)
-            tf.summary.scalar("bits/min_balance", statistics["min_bit_balance"], step=step)
-            tf.summary.scalar("bits/distinct_codes", statistics["distinct_codes"], step=step)
+            statistics = write_code_summaries(db_codes, step)
         print(f"step {step}: mAP@1000 {score:.4f} ({len(self.queries)} held-out queries), bit balance "
               f"{statistics['bit_balance']:.2f} (worst bit {statistics['min_bit_balance']:.2f}), "
               f"{statistics['distinct_codes']} distinct codes", file=sys.stderr, flush=True)
@@ -877,11 +872,34 @@ def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, ste
     with writer.as_default():
         for key in ("map@1000", "map", "precision@r2"):
             tf.summary.scalar(f"final/{key}", metrics[key], step=step)
+        write_code_summaries(db_codes, step)
+        _write_pr_curve(metrics["pr_curve"], step)
         image = pr_curve_image(metrics, f"{config.name}, {config.bits} bits, step {step}")
         if image is not None:
             tf.summary.image("final/retrieval_curves", image, step=step)
     writer.flush()
     return metrics
+
+
+def write_code_summaries(db_codes: np.ndarray, step: int) -> dict:
+    """Per-bit activation histogram, bit balance (mean, worst bit) and distinct codes, in the default writer."""
+    statistics = evaluation.code_statistics(db_codes)
+    tf.summary.histogram("bits/mean_activation", db_codes.mean(axis=0), step=step)
+    tf.summary.scalar("bits/balance", statistics["bit_balance"], step=step)
+    tf.summary.scalar("bits/min_balance", statistics["min_bit_balance"], step=step)
+    tf.summary.scalar("bits/distinct_codes", statistics["distinct_codes"], step=step)
+    return statistics
+
+
+def _write_pr_curve(curve: dict, step: int) -> None:
+    """The precision-recall curve by Hamming radius as TensorBoard's own PR-curve summary (one threshold a radius)."""
+    from tensorboard.plugins.pr_curve import summary as pr_summary
+    proto = pr_summary.raw_data_pb(
+        "final/pr_by_hamming_radius", true_positive_counts=curve["true_positives"],
+        false_positive_counts=curve["false_positives"], true_negative_counts=curve["true_negatives"],
+        false_negative_counts=curve["false_negatives"], precision=curve["precision"], recall=curve["recall"],
+        num_thresholds=len(curve["radius"]), description="threshold k = retrieve everything within radius k")
+    tf.summary.experimental.write_raw_pb(proto.SerializeToString(), step=step)
 
 
 def _write_hparams(writer, config: Config) -> None:

@@ -308,3 +308,17 @@ def test_bfloat16_loss_terms_match_float32_on_a_fixed_batch():
             terms[policy] = {k: float(v) for k, v in model.loss_terms(out, None)[3].items()}
     for key, value in terms["float32"].items():
         assert terms["mixed_bfloat16"][key] == pytest.approx(value, rel=2e-2, abs=1e-3), key
+
+
+def test_final_evaluation_writes_bit_statistics_and_a_tensorboard_pr_curve(tmp_path):
+    features = synthetic_features()
+    config = Config(name="t", steps=10, **{**SMALL, "eval_every": 0, "checkpoint_every": 10})
+    training.train(config, tmp_path, strategy=tf.distribute.get_strategy(), feature_set=features)
+    tags = {}
+    for path in (tmp_path / "logs" / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.setdefault(value.tag, set()).add((event.step, value.metadata.plugin_data.plugin_name))
+    for tag in ("bits/balance", "bits/min_balance", "bits/distinct_codes", "bits/mean_activation"):
+        assert any(step == 10 for step, _ in tags[tag]), tag
+    assert tags["final/pr_by_hamming_radius/pr_curves"] == {(10, "pr_curves")}
