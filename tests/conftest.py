@@ -49,3 +49,10 @@ def two_cpu_replicas():
     if not _MIRRORED:
         _MIRRORED.append(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
     return _MIRRORED[0]
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Pretends the TFDS download host answers (for tests that mock TFDS's download or data)."""
+    from tbhvae.data import images
+    monkeypatch.setattr(images, "_check_online", lambda what: None)

@@ -248,7 +248,7 @@ def test_features_for_caches_by_source_backbone_and_weights(tmp_path, monkeypatc
         "tfds_cifar10-vgg16_fc7-imagenet.npz"
 
 
-def test_features_for_tfds_cifar10_with_mock_data(tmp_path, tiny):
+def test_features_for_tfds_cifar10_with_mock_data(tmp_path, tiny, online):
     with tfds.testing.mock_data(num_examples=9):
         path = features_for("tfds:cifar10", "tiny", "none", tmp_path)
     assert path == tmp_path / "tfds_cifar10-tiny-none.npz"

@@ -130,7 +130,7 @@ def test_jpeg_npz_missing_file_and_unknown_split(tmp_path):
         image_source(str(path), "validation")
 
 
-def test_tfds_cifar10_with_mock_data():
+def test_tfds_cifar10_with_mock_data(online):
     with tfds.testing.mock_data(num_examples=7):
         source = image_source("tfds:cifar10", "train")
         pairs = [(im.numpy(), lab.numpy()) for im, lab in source.dataset()]
@@ -163,7 +163,7 @@ def _mock_coco(requested_splits: list, objects_per_image: list[list[int]]):
     return as_dataset
 
 
-def test_tfds_coco_multi_hot_drops_images_without_objects():
+def test_tfds_coco_multi_hot_drops_images_without_objects(online):
     requested = []
     objects = [[3, 3, 17], [], [0, 79], [45]]
     with tfds.testing.mock_data(as_dataset_fn=_mock_coco(requested, objects)):
@@ -180,7 +180,7 @@ def test_tfds_coco_multi_hot_drops_images_without_objects():
     np.testing.assert_array_equal(np.stack(skipped), labels[1:])
 
 
-def test_tfds_download_failure_gives_one_line_offline_hint(tmp_path, monkeypatch):
+def test_tfds_download_failure_gives_one_line_offline_hint(tmp_path, monkeypatch, online):
     def offline(self, *args, **kwargs):
         raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'\nmore detail")
 
