@@ -64,7 +64,7 @@ DEEP_CONFIGS = {
     "tbhvae_paper": "cifar10_tbhvae_paper.py",
 }
 METHODS = (*BASELINES, *DEEP_CONFIGS)
-SEED_FREE_BASELINES = ("pcah", "sh")  # their fit ignores the seed
+SEED_FREE_BASELINES = ("pcah", "sh", "kmh")  # their fit ignores the seed
 # Config keys the table sets itself; --set may not change them.
 TABLE_KEYS = ("bits", "steps", "seed", "eval_every", "checkpoint_every", "final_eval_queries", "features")
 SCALARS = ("map@1000", "map@1000_index_ties", "map", "precision@r2", "train_seconds", "bit_balance",

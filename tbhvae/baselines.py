@@ -15,6 +15,8 @@ maps a short name to each class:
   optimised for balanced, pairwise independent bits (Heo et al., CVPR 2012).
   Codes are compared with plain Hamming distance.
 - ``agh``: one-layer anchor graph hashing (Liu et al., ICML 2011).
+- ``kmh``, ``dgh``, ``dgh_r``: k-means hashing (`tbhvae.kmh`) and discrete
+  graph hashing, DGH-I and DGH-R (`tbhvae.dgh`), registered at the end of `BASELINES`.
 
 SpherH and AGH do their iterative parts on a random training subsample, as the
 papers do; see their docstrings.
@@ -402,6 +404,28 @@ BASELINES = {
     "spherh": SpherH,
     "agh": AGH,
 }
+
+
+class _Deferred:
+    """A `BASELINES` entry whose class lives in a module that imports this one (tbhvae.kmh,
+    tbhvae.dgh): imported on first call, so no import order (nor `python -m tbhvae.baselines`,
+    which runs this file as __main__) meets a half-initialised module."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def resolve(self) -> type:
+        import importlib
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def __call__(self, *args, **options):
+        return self.resolve()(*args, **options)
+
+
+# DGH-I and DGH-R are one class with an `init` option; DGHR only changes its default, so each
+# name maps to a class that BASELINES[name](bits, seed=...) builds with the paper's settings.
+BASELINES.update(kmh=_Deferred("tbhvae.kmh", "KMH"), dgh=_Deferred("tbhvae.dgh", "DGH"),
+                 dgh_r=_Deferred("tbhvae.dgh", "DGHR"))
 
 QUERY_SETS = ("q10k", "q1k")
 QUERIES_PER_CLASS = 100
