@@ -48,7 +48,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tbhvae.baselines import BASELINES, QUERY_SETS, select_queries  # noqa: E402
 from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
-from tbhvae.evaluation import chance_map, code_statistics, evaluate_codes, health_warnings  # noqa: E402
+from tbhvae.evaluation import code_statistics, evaluate_codes, health_warnings  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_FEATURES = REPO_ROOT.parent / "shared" / "data" / "cifar10_effnetlite0.npz"
@@ -291,7 +291,6 @@ def _progress(message: str) -> None:
 def build_table(args: argparse.Namespace, feature_set: FeatureSet, features: Path, workdir: Path) -> dict:
     """Runs (or reuses) every method x bits x seed; returns {method: {str(bits): summary}}."""
     query_rows = select_queries(feature_set.test_labels, args.queries)
-    chance = chance_map(feature_set.test_labels[query_rows], feature_set.train_labels)
     seeds_of = {m: (args.seeds if m in DEEP_CONFIGS else
                     args.baseline_seeds[:1] if m in SEED_FREE_BASELINES else args.baseline_seeds)
                 for m in args.methods}
@@ -306,7 +305,7 @@ def build_table(args: argparse.Namespace, feature_set: FeatureSet, features: Pat
             metrics, reused = run_deep(config, workdir / f"{method}_{bits}_s{seed}", feature_set)
             how = "reused" if reused else f"trained {args.budget} steps"
         per_seed.setdefault((method, bits), []).append(metrics)
-        warnings = health_warnings(metrics, chance, len(feature_set.train_labels))
+        warnings = health_warnings(metrics, metrics["chance_map@1000"], len(feature_set.train_labels))
         warning = "".join(f" WARNING: {w}" for w in warnings)
         _progress(f"[{number}/{len(jobs)}] {method} {bits} bits seed {seed}: mAP@1000 {metrics['map@1000']:.4f}, "
                   f"mAP {metrics['map']:.4f}, P@r2 {metrics['precision@r2']:.4f} ({how}, "

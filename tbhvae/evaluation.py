@@ -139,6 +139,8 @@ def distance_histograms(query_codes, db_codes, query_labels, db_labels) -> Dista
         db_words = db_words[order]
         class_start = np.searchsorted(dense[:n][order], np.arange(len(classes) + 1))
         query_dense = dense[n:]
+    else:
+        db_labels_by_class = db_labels.T.astype(np.float32)  # [C, n], once for every chunk
     rows = max(1, min(1024, _CHUNK_ELEMENTS // n))
     counts = np.empty((q, bins), np.int64)
     relevant = np.empty((q, bins), np.int64)
@@ -161,7 +163,7 @@ def distance_histograms(query_codes, db_codes, query_labels, db_labels) -> Dista
                     relevant[start + members] = np.bincount(
                         inside.ravel(), minlength=len(members) * bins).reshape(-1, bins)
             else:  # relevance as weights
-                shared = query_labels[start:stop].astype(np.float32) @ db_labels.T.astype(np.float32)
+                shared = query_labels[start:stop].astype(np.float32) @ db_labels_by_class
                 relevant[start:stop] = np.bincount(key.ravel(), weights=(shared > 0).ravel(),
                                                    minlength=size * bins).reshape(size, bins)
 
@@ -388,8 +390,9 @@ def evaluate_codes(query_codes, db_codes, query_labels, db_labels, top_k=1000,
 
     Returns a dict with "map@{top_k}", "map" (full ranking) and "precision@r2"
     (mean precision of the items within Hamming radius 2, 0 for queries that
-    retrieve nothing). With `curves=True` it also holds "pr_curve" (see
-    `radius_curves`) and "precision_at_n" ({N: expected precision of the top
+    retrieve nothing), and "chance_map@{top_k}", what a constant encoder scores
+    on the same queries (about the class prior). With `curves=True` it also
+    holds "pr_curve" (see `radius_curves`) and "precision_at_n" ({N: expected precision of the top
     N}). With `index_ties=True` it adds "map@{top_k}_index_ties", the older
     protocol (`mean_average_precision_index_ties`).
     """
@@ -402,6 +405,7 @@ def evaluate_codes(query_codes, db_codes, query_labels, db_labels, top_k=1000,
         "map": float(tie_aware_average_precision(histograms, None).mean()),
         "precision@r2": float(radius["precision"][min(2, bits)]),
     }
+    metrics[f"chance_map@{top_k}"] = float(tie_aware_average_precision(_collapsed(histograms), top_k).mean())
     if index_ties:
         metrics[f"map@{top_k}_index_ties"] = mean_average_precision_index_ties(
             query_codes, db_codes, query_labels, db_labels, top_k)
@@ -412,18 +416,18 @@ def evaluate_codes(query_codes, db_codes, query_labels, db_labels, top_k=1000,
     return metrics
 
 
-def chance_map(query_labels, db_labels, top_k=1000) -> float:
-    """Tie-aware mAP@top_k of a constant encoder: what retrieval at chance scores (about the class prior)."""
-    constant_queries = np.zeros((len(query_labels), 1), np.uint8)
-    constant_db = np.zeros((len(db_labels), 1), np.uint8)
-    return mean_average_precision(constant_queries, constant_db, query_labels, db_labels, top_k)
+def _collapsed(histograms: DistanceHistograms) -> DistanceHistograms:
+    """The histograms a constant encoder gives the same queries: every item at distance 0."""
+    return DistanceHistograms(histograms.counts.sum(axis=1, keepdims=True),
+                              histograms.relevant.sum(axis=1, keepdims=True))
 
 
 def health_warnings(metrics: dict, chance: float, database: int) -> list[str]:
     """One-line warnings about codes that are collapsed or retrieve at chance.
 
     metrics: holds "map@1000" and the keys of `code_statistics`; chance: the
-    `chance_map` of the same query set; database: the number of database codes.
+    "chance_map@1000" of `evaluate_codes` for the same queries; database: the
+    number of database codes.
     """
     warnings = []
     if metrics["map@1000"] < chance + 0.02:  # random codes of unrelated data land within ~0.01 of chance

@@ -605,7 +605,8 @@ class TrainingMonitor(keras.callbacks.Callback):
         self.history.append((step, score))
         with self.writer.as_default():
             tf.summary.scalar("eval/map@1000", score, step=step)
-            statistics = write_code_summaries(db_codes, step)
+            statistics = evaluation.code_statistics(db_codes)
+            write_code_summaries(db_codes, statistics, step)
         print(f"step {step}: mAP@1000 {score:.4f} ({len(self.queries)} held-out queries), bit balance "
               f"{statistics['bit_balance']:.2f} (worst bit {statistics['min_bit_balance']:.2f}), "
               f"{statistics['distinct_codes']} distinct codes", file=sys.stderr, flush=True)
@@ -863,16 +864,16 @@ def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, ste
     query_codes = encode_features(model, feature_set.test_features[queries])
     metrics = evaluation.evaluate_codes(query_codes, db_codes, feature_set.test_labels[queries],
                                         feature_set.train_labels, top_k=1000, curves=True, index_ties=True)
+    statistics = evaluation.code_statistics(db_codes)
     metrics.update(bits=config.bits, steps=step, queries=len(queries), database=len(db_codes),
-                   model=config.name, **evaluation.code_statistics(db_codes))
-    metrics["chance_map@1000"] = evaluation.chance_map(feature_set.test_labels[queries], feature_set.train_labels)
+                   model=config.name, **statistics)
     metrics["warnings"] = evaluation.health_warnings(metrics, metrics["chance_map@1000"], len(db_codes))
     for warning in metrics["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     with writer.as_default():
         for key in ("map@1000", "map", "precision@r2"):
             tf.summary.scalar(f"final/{key}", metrics[key], step=step)
-        write_code_summaries(db_codes, step)
+        write_code_summaries(db_codes, statistics, step)
         _write_pr_curve(metrics["pr_curve"], step)
         image = pr_curve_image(metrics, f"{config.name}, {config.bits} bits, step {step}")
         if image is not None:
@@ -881,14 +882,12 @@ def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, ste
     return metrics
 
 
-def write_code_summaries(db_codes: np.ndarray, step: int) -> dict:
-    """Per-bit activation histogram, bit balance (mean, worst bit) and distinct codes, in the default writer."""
-    statistics = evaluation.code_statistics(db_codes)
+def write_code_summaries(db_codes: np.ndarray, statistics: dict, step: int) -> None:
+    """Per-bit activation histogram and the `code_statistics` of the database codes, in the default writer."""
     tf.summary.histogram("bits/mean_activation", db_codes.mean(axis=0), step=step)
     tf.summary.scalar("bits/balance", statistics["bit_balance"], step=step)
     tf.summary.scalar("bits/min_balance", statistics["min_bit_balance"], step=step)
     tf.summary.scalar("bits/distinct_codes", statistics["distinct_codes"], step=step)
-    return statistics
 
 
 def _write_pr_curve(curve: dict, step: int) -> None:

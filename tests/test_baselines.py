@@ -218,8 +218,8 @@ def test_cli_writes_json_with_documented_schema(tiny_npz, tmp_path):
             provenance = {k: metrics.pop(k) for k in ("features", "queries", "tbhvae_version")}
             assert provenance == {"features": str(tiny_npz.resolve()), "queries": "q10k",
                                   "tbhvae_version": tbhvae.__version__}
-            assert set(metrics) == {"map@1000", "map", "precision@r2", "map@1000_index_ties", "bit_balance",
-                                    "min_bit_balance", "distinct_codes", "fit_seconds"}
+            assert set(metrics) == {"map@1000", "map", "precision@r2", "map@1000_index_ties", "chance_map@1000",
+                                    "bit_balance", "min_bit_balance", "distinct_codes", "fit_seconds"}
             assert all(isinstance(v, (int, float)) for v in metrics.values())
             assert 0.25 < metrics["map@1000"] <= 1.0 and metrics["fit_seconds"] >= 0.0
             assert 0.0 <= metrics["min_bit_balance"] <= metrics["bit_balance"] <= 1.0

@@ -299,10 +299,14 @@ def test_bad_top_k_is_refused(top_k):
 
 
 def test_chance_map_and_health_warnings():
-    from tbhvae.evaluation import chance_map, code_statistics, health_warnings
+    from tbhvae.evaluation import code_statistics, health_warnings
     db_labels, query_labels = np.repeat(np.arange(10), 300), np.repeat(np.arange(10), 20)
-    chance = chance_map(query_labels, db_labels)
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 2, (3000, 12), dtype=np.uint8)
+    chance = evaluate_codes(codes[::15], codes, query_labels, db_labels)["chance_map@1000"]
     assert chance == pytest.approx(0.1, abs=0.01)
+    constant = np.zeros((3000, 1), np.uint8)  # the constant encoder itself scores exactly that
+    assert mean_average_precision(constant[:200], constant, query_labels, db_labels) == pytest.approx(chance, abs=1e-12)
     collapsed = np.ones((3000, 16), np.uint8)
     metrics = {"map@1000": chance, **code_statistics(collapsed)}
     warnings = health_warnings(metrics, chance, 3000)
