@@ -155,7 +155,7 @@ def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[lis
             for jit in (True, False):
                 config = load_config(REPO_ROOT / "configs" / config_file).replace(
                     bits=TRAIN_BITS, batch_size=TRAIN_BATCH, steps=steps, eval_every=0, checkpoint_every=steps,
-                    jit_compile=jit, final_eval_queries="all")
+                    jit_compile=jit, final_eval_queries="q10k")
                 strategy = strategies[replicas]
                 row = {"model": model, "replicas": replicas, "xla": jit,
                        "xla_effective": training.use_xla(config, strategy), "steps": steps,

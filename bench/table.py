@@ -167,7 +167,7 @@ def deep_config(method: str, bits: int, seed: int, budget: int, queries: str, fe
     config = apply_overrides(load_config(REPO_ROOT / "configs" / DEEP_CONFIGS[method]), overrides)
     return config.replace(bits=bits, steps=budget, seed=seed, eval_every=0, checkpoint_every=budget,
                           features=str(features),
-                          final_eval_queries="all" if queries == "q10k" else "per_class_100")
+                          final_eval_queries=queries)
 
 
 @contextlib.contextmanager

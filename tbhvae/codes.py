@@ -29,6 +29,11 @@ def check_bits(codes, name: str = "codes") -> np.ndarray:
     return np.ascontiguousarray(codes, dtype=np.uint8)
 
 
+def num_bytes(bits: int) -> int:
+    """Bytes of one packed code of `bits` bits: ceil(bits / 8)."""
+    return -(-bits // 8)
+
+
 def pack_codes(codes) -> np.ndarray:
     """Packs 0/1 codes [n, M] into uint8 [n, ceil(M / 8)] (see module docstring)."""
     return np.packbits(check_bits(codes), axis=1)

@@ -16,9 +16,7 @@ import os
 import re
 import typing
 from pathlib import Path
-
-BINARY_BOTTLENECKS = ("adversarial", "betatcvae")
-CONTINUOUS_BOTTLENECKS = ("adversarial", "geco_vae")
+from typing import Literal
 
 
 class ConfigError(ValueError):
@@ -37,21 +35,21 @@ class Config:
     backbone_weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
     data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
     cache_dir: str = "~/.cache/tbhvae"  # extracted feature cache
-    input_scaling: str = "none"  # "none" (reference) | "standardize" | "l2" (unit-norm rows)
+    input_scaling: Literal["none", "standardize", "l2"] = "none"  # "none" (reference) | "standardize" | "l2" (unit-norm rows)
     # --- model --------------------------------------------------------------
     bits: int = 32  # M, binary code length
     continuous_dim: int = 512  # size of the continuous bottleneck z
     hidden_dim: int = 1024  # encoder/decoder hidden width
-    binary_bottleneck: str = "adversarial"  # "adversarial" (TBH) | "betatcvae" (TBH-VAE)
-    continuous_bottleneck: str = "adversarial"  # "adversarial" (TBH) | "geco_vae" (TBH-VAE)
-    binary_threshold: str = "fixed"  # "fixed" eps=0.5 (reference code) | "uniform" eps~U(0,1) (paper)
-    continuous_activation: str = "sigmoid"  # TBH's z activation: "sigmoid" | "linear"
+    binary_bottleneck: Literal["adversarial", "betatcvae"] = "adversarial"  # "adversarial" (TBH) | "betatcvae" (TBH-VAE)
+    continuous_bottleneck: Literal["adversarial", "geco_vae"] = "adversarial"  # "adversarial" (TBH) | "geco_vae" (TBH-VAE)
+    binary_threshold: Literal["fixed", "uniform"] = "fixed"  # "fixed" eps=0.5 (reference code) | "uniform" eps~U(0,1) (paper)
+    continuous_activation: Literal["sigmoid", "linear"] = "sigmoid"  # TBH's z activation: "sigmoid" | "linear"
     graph_exponent: float = 1.4  # gamma in A = (1 - d_H/M)^gamma (1.4 code, 1.0 paper)
-    decoder_activation: str = "relu"  # "relu" (reference) | "linear"
-    discriminator: str = "linear"  # "linear" single Dense (reference) | "mlp"
+    decoder_activation: Literal["relu", "linear"] = "relu"  # "relu" (reference) | "linear"
+    discriminator: Literal["linear", "mlp"] = "linear"  # "linear" single Dense (reference) | "mlp"
     discriminator_hidden: int = 256  # hidden width of the "mlp" critic
     # --- objectives ---------------------------------------------------------
-    reconstruction: str = "sum"  # "sum" = l2_loss over the batch (reference) | "mean" per element
+    reconstruction: Literal["sum", "mean"] = "sum"  # "sum" = l2_loss over the batch (reference) | "mean" per element
     reconstruction_weight: float = 1.0  # multiplies the reconstruction loss (models without GECO)
     adversarial_weight: float = 1.0  # weight of both adversarial terms in the encoder's loss
     # beta-TCVAE penalty alpha*MI + beta*max(0, TC - floor) + gamma*DWKL. alpha = 0 and beta = gamma
@@ -61,11 +59,11 @@ class Config:
     tc_beta: float = 1.0  # total correlation weight
     tc_gamma: float = 1.0  # dimension-wise KL weight
     tc_hinge: bool = True  # subtract the TC of ideal codes, max(0, M log 2 - log N), and clip at 0
-    tc_estimator: str = "mss"  # "mws" minibatch-weighted | "mss" minibatch-stratified
-    tc_marginals: str = "batch_mean"  # q(b_k): "batch_mean" Bernoulli(mean p) | "estimator" like q(b)
+    tc_estimator: Literal["mws", "mss"] = "mss"  # "mws" minibatch-weighted | "mss" minibatch-stratified
+    tc_marginals: Literal["batch_mean", "estimator"] = "batch_mean"  # q(b_k): "batch_mean" Bernoulli(mean p) | "estimator" like q(b)
     binary_kl_weight: float = 1.0  # overall weight of the beta-TCVAE terms
     similarity_weight: float = 0.0  # pairwise code-similarity term as a likelihood, x (B - 1) M / 2 (0 = off)
-    similarity_target: str = "cosine"  # "cosine" centred cosine | "anchor" max(anchor graph, cosine)
+    similarity_target: Literal["cosine", "anchor"] = "cosine"  # "cosine" centred cosine | "anchor" max(anchor graph, cosine)
     similarity_scale: float = 2.0  # target = clip(scale * centred cosine, -1, 1)
     anchors: int = 300  # anchor-graph target: k-means anchors (AGH's default)
     nearest_anchors: int = 2  # anchor-graph target: anchors per row (AGH's default)
@@ -87,33 +85,23 @@ class Config:
     seed: int = 0  # every random draw (initialisation, batches, sampling, anchors)
     jit_compile: bool = False  # XLA: slower than TF's own CPU kernels here (BENCHMARKS.md); true on GPUs
     steps_per_execution: int = 50  # steps per tf.function call (1 with several replicas)
-    mixed_precision: str = "float32"  # "float32" | "mixed_float16" | "mixed_bfloat16"
+    mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"  # "float32" | "mixed_float16" | "mixed_bfloat16"
     # --- logging / evaluation -----------------------------------------------
     log_every: int = 100  # steps between TensorBoard scalars
     eval_every: int = 1000  # steps between mAP evaluations (0 = only at the end)
     eval_queries: int = 1000  # held-out queries for the periodic evaluation
     checkpoint_every: int = 1000  # steps between checkpoints
     checkpoints_to_keep: int = 3  # newest checkpoints kept
-    final_eval_queries: str = "all"  # "all" test queries (q10k) | "per_class_100" (q1k)
+    final_eval_queries: Literal["q10k", "q1k"] = "q10k"  # query set of the final evaluation (tbhvae.protocol)
 
     def validate(self) -> "Config":
         for key, kind in _FIELD_TYPES.items():
             value = getattr(self, key)
             if not _has_type(value, kind):
-                raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
-        _choice(self, "binary_bottleneck", BINARY_BOTTLENECKS)
-        _choice(self, "continuous_bottleneck", CONTINUOUS_BOTTLENECKS)
-        _choice(self, "binary_threshold", ("fixed", "uniform"))
-        _choice(self, "continuous_activation", ("sigmoid", "linear"))
-        _choice(self, "decoder_activation", ("relu", "linear"))
-        _choice(self, "discriminator", ("linear", "mlp"))
-        _choice(self, "reconstruction", ("sum", "mean"))
-        _choice(self, "tc_estimator", ("mws", "mss"))
-        _choice(self, "tc_marginals", ("estimator", "batch_mean"))
-        _choice(self, "similarity_target", ("cosine", "anchor"))
-        _choice(self, "input_scaling", ("none", "standardize", "l2"))
-        _choice(self, "mixed_precision", ("float32", "mixed_float16", "mixed_bfloat16"))
-        _choice(self, "final_eval_queries", ("all", "per_class_100"))
+                raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} "
+                                  f"{value!r}")
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got '{value}'")
         for key in ("bits", "continuous_dim", "hidden_dim", "batch_size", "steps",
                     "steps_per_execution", "log_every", "checkpoint_every", "eval_queries",
                     "checkpoints_to_keep", "anchors", "nearest_anchors"):
@@ -153,21 +141,23 @@ def describe_keys() -> str:
     """
     comments = {}
     for line in inspect.getsource(Config).splitlines():
-        match = re.match(r"\s+(\w+): \w+ = [^#]*#\s*(.*)", line)
+        match = re.match(r"\s+(\w+): [^=]+ = [^#]*#\s*(.*)", line)
         if match:
             comments[match.group(1)] = match.group(2)
-    return "\n".join(f"  {field.name} ({_FIELD_TYPES[field.name].__name__}, default {field.default!r}): "
+    return "\n".join(f"  {field.name} ({_describe_type(field.name)}, default {field.default!r}): "
                      f"{comments.get(field.name, '')}".rstrip(": ")
                      for field in dataclasses.fields(Config))
 
 
-def _choice(config: Config, key: str, options: tuple[str, ...]) -> None:
-    if getattr(config, key) not in options:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(options)}; "
-                          f"got '{getattr(config, key)}'")
+_HINTS = typing.get_type_hints(Config)
+CHOICES = {key: typing.get_args(hint) for key, hint in _HINTS.items() if typing.get_origin(hint) is Literal}
+_FIELD_TYPES = {key: str if key in CHOICES else hint for key, hint in _HINTS.items()}
+# Values that earlier versions wrote to config.json, read as today's names.
+_RENAMED_VALUES = {"final_eval_queries": {"all": "q10k", "per_class_100": "q1k"}}
 
 
-_FIELD_TYPES = typing.get_type_hints(Config)
+def _describe_type(key: str) -> str:
+    return " | ".join(CHOICES[key]) if key in CHOICES else _FIELD_TYPES[key].__name__
 
 
 def _has_type(value, kind) -> bool:
@@ -215,6 +205,7 @@ def from_dict(values: dict, where: str) -> Config:
     unknown = sorted(set(values) - set(_FIELD_TYPES))
     if unknown:
         raise ConfigError(f"{where}: unknown config key(s) {', '.join(unknown)}")
+    values = {key: _RENAMED_VALUES.get(key, {}).get(value, value) for key, value in values.items()}
     for key, value in values.items():
         kind = _FIELD_TYPES[key]
         if not _has_type(value, kind):

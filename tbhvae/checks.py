@@ -1,0 +1,83 @@
+"""Input checks and safe writes shared by every module: labels, feature arrays, atomic files.
+
+Each check returns the normalised array or raises `error` (ValueError by default,
+or a subclass such as DataError) with a one-line message that starts with `name`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def check_labels(labels, count: int, name: str, error: type[Exception] = ValueError) -> np.ndarray:
+    """Class ids [count] (non-negative integers) -> int64, or multi-hot 0/1 [count, C] -> uint8."""
+    labels = np.asarray(labels)
+    if labels.ndim not in (1, 2) or labels.shape[0] != count:
+        raise error(f"{name}: expected class ids [{count}] or multi-hot [{count}, C] (one row per item), "
+                    f"got shape {labels.shape}")
+    if labels.size and labels.dtype.kind not in "biuf":
+        raise error(f"{name}: labels must be numeric, got dtype {labels.dtype}")
+    if labels.size and labels.dtype.kind == "f" and not np.all(np.isfinite(labels)):
+        raise error(f"{name}: labels hold NaN or Inf")
+    if labels.ndim == 1:
+        if labels.size and (labels.min() < 0 or np.any(labels != np.round(labels))):
+            raise error(f"{name}: class ids must be non-negative integers")
+        return labels.astype(np.int64)
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        raise error(f"{name}: multi-hot labels must hold only 0 and 1")
+    return labels.astype(np.uint8)
+
+
+def check_features(features, name: str, dim: int | None = None, error: type[Exception] = ValueError,
+                   ) -> np.ndarray:
+    """Non-empty, finite, numeric [n, D] (D == dim when given) -> float32 [n, D]."""
+    array = np.asarray(features)
+    if array.ndim != 2:
+        raise error(f"{name}: expected a 2-D array [n, D], got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise error(f"{name}: expected a numeric array, got dtype {array.dtype}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise error(f"{name}: expected a non-empty array, got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise error(f"{name}: has {array.shape[1]} dimensions but {dim} are expected")
+    array = np.asarray(array, dtype=np.float32)
+    finite = np.isfinite(array)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0, 0])
+        raise error(f"{name}: holds {int((~finite).sum())} NaN/Inf values (first in row {row})")
+    return array
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
+    """Yields a temporary sibling of `path` to write; it replaces `path` only if the block succeeds.
+
+    Readers see the old file or the new one, never a partial one; a failed block leaves no temporary.
+    `suffix` keeps an extension a writer insists on (np.savez appends ".npz" otherwise).
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Writes text or bytes to `path` atomically (see `atomic_path`); returns the path."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+    return Path(path)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message, else its type name (for one-line errors)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
