@@ -5,7 +5,7 @@ groups the runs by (config name, bits) and reports the tie-aware mAP@1000,
 the index-ties figure beside it, full mAP, P@r2, bit balance (mean and worst
 bit), distinct codes, steps and training time, averaged over the seeds found.
 
-  python bench/collect.py runs/*/ --json bench/results/models.json
+  python -m bench.collect runs/*/ --json bench/results/models.json
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from bench.common import write_json
 
 KEYS = ("map@1000", "map@1000_index_ties", "map", "precision@r2", "bit_balance", "min_bit_balance",
         "distinct_codes", "train_seconds")
@@ -39,7 +41,7 @@ def collect(run_dirs: list[Path]) -> dict:
         key = json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True)
         groups.setdefault(key, []).append((metrics, config, run_dir))
     table = {}
-    for key, runs in sorted(groups.items(), key=lambda item: (item[1][0][1]["name"], item[1][0][1]["bits"])):
+    for runs in sorted(groups.values(), key=lambda runs: (runs[0][1]["name"], runs[0][1]["bits"])):
         config = runs[0][1]
         siblings = [json.loads(k) for k, r in groups.items()
                     if (r[0][1]["name"], r[0][1]["bits"]) == (config["name"], config["bits"])]
@@ -76,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = collect(args.run_dirs)
     print(markdown(table))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(table, indent=2) + "\n")
+        write_json(args.json, table)
     return table
 
 

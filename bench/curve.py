@@ -9,8 +9,8 @@ training run. ITQ (fitted once per code length, same queries) is the reference
 line. Finished milestones are kept in the run directory (metrics_<steps>.json)
 and reused, so an interrupted curve continues where it stopped.
 
-  python bench/curve.py --json bench/results/curve_tbh.json               # TBH, 16/32/64 bits, 1k..20k steps
-  python bench/curve.py --method tbhvae --steps 1000,5000 --bits 32 --json curve_tbhvae.json
+  python -m bench.curve --json bench/results/curve_tbh.json               # TBH, 16/32/64 bits, 1k..20k steps
+  python -m bench.curve --method tbhvae --steps 1000,5000 --bits 32 --json curve_tbhvae.json
 
 Writes OUT.json = {"method", "queries", "itq": {bits: map@1000},
 "runs": {bits: [{"steps", "map@1000", "map", "precision@r2", "bit_balance",
@@ -20,19 +20,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from plots import plot_steps_curve  # noqa: E402
-from table import (DEEP_CONFIGS, DEFAULT_FEATURES, DEFAULT_WORKDIR, BenchError, _int_list,  # noqa: E402
-                   _progress, deep_config, machine_description, overrides_tag, quiet_keras, run_baseline)
-
-from tbhvae.baselines import QUERY_SETS, select_queries  # noqa: E402
-from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
+from bench.common import (
+    DEEP_CONFIGS,
+    DEFAULT_FEATURES,
+    DEFAULT_WORKDIR,
+    BenchError,
+    command_line,
+    deep_config,
+    int_list,
+    machine_description,
+    overrides_tag,
+    progress,
+    quiet_keras,
+    write_json,
+)
+from bench.plots import plot_steps_curve
+from tbhvae.baselines import run_baselines
+from tbhvae.data import DataError, FeatureSet, load_features
+from tbhvae.protocol import QUERY_SETS
 
 DEFAULT_STEPS = "1000,2000,5000,10000,20000"
 POINT_KEYS = ("map@1000", "map@1000_index_ties", "map", "precision@r2", "bit_balance", "min_bit_balance",
@@ -53,8 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override (repeatable), e.g. jit_compile=false")
     args = parser.parse_args(argv)
-    args.bits = _int_list(args.bits, "--bits", 1)
-    args.steps = _int_list(args.steps, "--steps", 1)
+    args.bits = int_list(args.bits, "--bits", 1)
+    args.steps = int_list(args.steps, "--steps", 1)
     if args.steps != sorted(set(args.steps)):
         raise BenchError(f"--steps: milestones must be strictly increasing, got {args.steps}")
     return args
@@ -69,7 +77,7 @@ def default_workdir(features: Path, method: str, overrides: list[str]) -> Path:
 def run_milestones(args: argparse.Namespace, feature_set: FeatureSet, features: Path, workdir: Path,
                    bits: int) -> list[dict]:
     """Trains one run through every milestone; returns one point per milestone."""
-    from tbhvae import training
+    from tbhvae import train
 
     run_dir = workdir / f"{args.method}_{bits}_s{args.seed}"
     points = []
@@ -78,7 +86,7 @@ def run_milestones(args: argparse.Namespace, feature_set: FeatureSet, features: 
         started = time.perf_counter()
         config = deep_config(args.method, bits, args.seed, steps, args.queries, features, args.set)
         config = config.replace(checkpoint_every=min(1000, steps))
-        previous = training.RunDirectory(run_dir).saved_config()
+        previous = train.RunDirectory(run_dir).saved_config()
         if previous is not None and previous.replace(steps=steps, checkpoint_every=config.checkpoint_every) != config:
             raise BenchError(f"{run_dir} holds a run with another config (other --set, --queries or features); "
                              f"pass another --workdir or remove it")
@@ -87,35 +95,34 @@ def run_milestones(args: argparse.Namespace, feature_set: FeatureSet, features: 
             how = "reused"
         else:
             with quiet_keras():
-                metrics = training.train(config, run_dir, feature_set=feature_set)
-            saved.write_text(json.dumps(metrics, indent=2) + "\n")
+                metrics = train.train(config, run_dir, feature_set=feature_set)
+            write_json(saved, metrics)
             how = "trained"
         point = {"steps": steps, **{key: metrics[key] for key in POINT_KEYS if key in metrics}}
         points.append(point)
-        _progress(f"{args.method} {bits} bits, {steps} steps: mAP@1000 {point['map@1000']:.4f}, "
-                  f"mAP {point['map']:.4f}, bit balance {point['bit_balance']:.2f} "
-                  f"({how}, wall {time.perf_counter() - started:.0f} s)")
+        progress(f"{args.method} {bits} bits, {steps} steps: mAP@1000 {point['map@1000']:.4f}, "
+                 f"mAP {point['map']:.4f}, bit balance {point['bit_balance']:.2f} "
+                 f"({how}, wall {time.perf_counter() - started:.0f} s)")
     return points
 
 
 def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
-    from tbhvae.training import TrainingError
+    from tbhvae.train import TrainingError
 
     try:
         args = parse_args(argv)
         features = Path(args.features).resolve()
         feature_set = load_features(features)
         workdir = Path(args.workdir) if args.workdir else default_workdir(features, args.method, args.set)
-        query_rows = select_queries(feature_set.test_labels, args.queries)
         result = {"method": args.method, "queries": args.queries, "itq": {}, "runs": {}}
         for bits in args.bits:
-            itq = run_baseline(feature_set, "itq", bits, args.seed, query_rows)
+            itq = run_baselines(feature_set, [bits], ["itq"], seed=args.seed, queries=args.queries)["itq"][str(bits)]
             result["itq"][str(bits)] = itq["map@1000"]
-            _progress(f"itq {bits} bits: mAP@1000 {itq['map@1000']:.4f}")
+            progress(f"itq {bits} bits: mAP@1000 {itq['map@1000']:.4f}")
             result["runs"][str(bits)] = run_milestones(args, feature_set, features, workdir, bits)
     except (BenchError, DataError, ValueError, TrainingError) as err:
-        raise SystemExit(f"bench/curve.py: {err}") from None
+        raise SystemExit(f"bench.curve: {err}") from None
 
     header = "| steps | " + " | ".join(f"{b} bits" for b in result["runs"]) + " |"
     lines = [header, "| --- |" + " --- |" * len(result["runs"])]
@@ -124,15 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                  for points in result["runs"].values()) + " |")
     lines.append("| ITQ | " + " | ".join(f"{result['itq'][b]:.3f}" for b in result["runs"]) + " |")
     print("\n".join(lines))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    settings = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    out = write_json(args.json, result)
+    settings = {"command": command_line("curve", argv),
                 "features": str(features), "workdir": str(workdir), "overrides": args.set,
                 "wall_seconds": time.perf_counter() - started, "machine": machine_description()}
-    out.with_name(out.stem + "_settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    write_json(out.with_name(out.stem + "_settings.json"), settings)
     png = plot_steps_curve(result, out.with_suffix(".png"))
-    _progress(f"wrote {out} and {png} ({time.perf_counter() - started:.0f} s)")
+    progress(f"wrote {out} and {png} ({time.perf_counter() - started:.0f} s)")
     return result
 
 

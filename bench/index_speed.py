@@ -2,7 +2,7 @@
 
 For each database size, random codes are indexed and the same queries are
 answered by
-  numpy       HammingIndex(backend="numpy")   (tbhvae default below 512 bits)
+  numpy       HammingIndex(backend="numpy")   (backend="auto" below 32 bits or without faiss)
   ours_faiss  HammingIndex(backend="faiss")   (faiss + exact re-ranking)
   faiss_raw   faiss.IndexBinaryFlat.search    (faiss alone, its own tie order)
 The faiss columns are skipped when faiss is not installed (pip install faiss-cpu).
@@ -10,21 +10,20 @@ Times are seconds for the whole query batch: wall clock (best and median of
 --repeats runs) and process CPU time summed over threads (best run; less
 sensitive to other load on the machine). Memory is in MiB.
 
-  python bench/index_speed.py --output index_speed.json
+  python -m bench.index_speed --output index_speed.json
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
-import platform
 import statistics
 import time
 import tracemalloc
 
 import numpy as np
 
+from bench.common import machine_description, write_json
+from tbhvae.codes import num_bytes
 from tbhvae.index import HammingIndex
 
 MIB = 2**20
@@ -48,7 +47,7 @@ def timed(function, repeats: int, row: dict, name: str):
 
 def bench_size(n: int, bits: int, num_queries: int, k: int, repeats: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
-    nbytes = -(-bits // 8)
+    nbytes = num_bytes(bits)
     db_codes = np.unpackbits(rng.integers(0, 256, (n, nbytes), dtype=np.uint8), axis=1, count=bits)
     queries = np.unpackbits(rng.integers(0, 256, (num_queries, nbytes), dtype=np.uint8),
                             axis=1, count=bits)
@@ -122,13 +121,11 @@ def main() -> None:
     rows = [bench_size(n, args.bits, args.queries, args.k, args.repeats, args.seed)
             for n in args.sizes]
     print_table(rows)
-    report = {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-              "numpy": np.__version__, "load_average": os.getloadavg(), "results": rows}
+    report = {**machine_description(), "results": rows}
     if importlib.util.find_spec("faiss") is not None:
         import faiss
         report["faiss"] = faiss.__version__
-    with open(args.output, "w") as file:
-        json.dump(report, file, indent=2)
+    write_json(args.output, report)
     print(f"wrote {args.output}")
 
 

@@ -1,4 +1,5 @@
-"""Benchmark figures (matplotlib, Agg backend): retrieval curves and index scaling.
+"""Benchmark figures (matplotlib, Agg backend): retrieval curves of many methods (drawn by tbhvae.plots) and
+index scaling.
 
 Every function writes one PNG and returns its path; none needs a display.
 """
@@ -10,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tbhvae.plots import draw_pr_curves, draw_precision_at_n  # noqa: E402
 
 DPI = 120
 
@@ -30,32 +33,20 @@ def _line_style(method: str, deep_methods: tuple[str, ...]) -> dict:
 
 
 def plot_pr_curves(curves: dict, bits: int, path: str | Path, deep_methods: tuple[str, ...] = ()) -> Path:
-    """Precision vs recall of retrieving everything within Hamming radius r = 0..M.
-
-    curves: {method: {"precision": [M + 1], "recall": [M + 1]}}.
-    """
+    """Precision vs recall by Hamming radius of every method (tbhvae.plots.draw_pr_curves) as a PNG."""
     fig, axis = plt.subplots(figsize=(6, 4.5))
-    for method, curve in curves.items():
-        axis.plot(curve["recall"], curve["precision"], label=method, **_line_style(method, deep_methods))
-    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1),
-             title=f"Precision-recall by Hamming radius, {bits} bits")
+    draw_pr_curves(axis, curves, {m: _line_style(m, deep_methods) for m in curves},
+                   title=f"Precision-recall by Hamming radius, {bits} bits")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, ncol=2)
     return _save(fig, path)
 
 
 def plot_precision_at_n(curves: dict, bits: int, path: str | Path, deep_methods: tuple[str, ...] = ()) -> Path:
-    """Precision of the top N of the Hamming ranking against N (log axis).
-
-    curves: {method: {N: precision}} (N as int or str).
-    """
+    """Precision of the top N against N of every method (tbhvae.plots.draw_precision_at_n) as a PNG."""
     fig, axis = plt.subplots(figsize=(6, 4.5))
-    for method, at_n in curves.items():
-        points = sorted((int(n), p) for n, p in at_n.items())
-        axis.plot([n for n, _ in points], [p for _, p in points], label=method,
-                  **_line_style(method, deep_methods))
-    axis.set(xlabel="N (retrieved items)", ylabel="precision@N", xscale="log", ylim=(0, 1),
-             title=f"Precision of the top N, {bits} bits")
+    draw_precision_at_n(axis, curves, {m: _line_style(m, deep_methods) for m in curves},
+                        title=f"Precision of the top N, {bits} bits")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8, ncol=2)
     return _save(fig, path)
@@ -64,7 +55,7 @@ def plot_precision_at_n(curves: dict, bits: int, path: str | Path, deep_methods:
 def plot_index_scaling(rows: list[dict], path: str | Path) -> Path:
     """Query-batch time (best of repeats, s) against database size, per backend.
 
-    rows: dicts from bench/index_speed.py's bench_size ("n", "numpy_best_s", and
+    rows: dicts from bench.index_speed.bench_size ("n", "numpy_best_s", and
     "ours_faiss_best_s" / "faiss_raw_best_s" when faiss ran).
     """
     fig, axis = plt.subplots(figsize=(6, 4.5))
@@ -84,7 +75,7 @@ def plot_index_scaling(rows: list[dict], path: str | Path) -> Path:
 def plot_steps_curve(result: dict, path: str | Path) -> Path:
     """mAP@1000 against training steps (log axis), one line per code length, ITQ dashed in its colour.
 
-    result: bench/curve.py's output, {"method", "queries", "itq": {bits: map},
+    result: bench.curve's output, {"method", "queries", "itq": {bits: map},
     "runs": {bits: [{"steps", "map@1000", ...}, ...]}}.
     """
     fig, axis = plt.subplots(figsize=(6, 4.5))

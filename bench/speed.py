@@ -7,7 +7,7 @@ Sections (--sections, all by default):
               matmul FLOP/s / model FLOP per example. The matmul is a float32
               [400, 1280] x [1280, 1024] product timed right before each run (and
               at the start and end of the benchmark); the model cost is counted
-              analytically from the config (training_flops_per_example).
+              from the model's layers (TwinBottleneckHashing.training_flops_per_example).
   evaluation  seconds of the q10k protocol (10,000 queries x 50,000 codes, 10
               classes) on random codes at 16/32/64 bits, in the same run: the old
               index-ties mAP@1000 (mean_average_precision_index_ties), the tie-aware
@@ -16,11 +16,11 @@ Sections (--sections, all by default):
               ratio tie-aware / index-ties per code length.
   encoders    latency (batch 1, median ms) and throughput (rows/s) of a trained
               TBH encoder as Keras, SavedModel and TFLite (float32, float16,
-              dynamic-range, int8) via tbhvae.serving.
-  index       exact top-k search time vs database size (bench/index_speed.py).
+              dynamic-range, int8) via tbhvae.export and tbhvae.encoders.
+  index       exact top-k search time vs database size (bench.index_speed).
 
-  python bench/speed.py --json speed.json             # full run (~20 min on 2 cores)
-  python bench/speed.py --quick --json speed_quick.json
+  python -m bench.speed --json speed.json             # full run (~20 min on 2 cores)
+  python -m bench.speed --quick --json speed_quick.json
 
 The CPU is split into 2 logical devices before TensorFlow starts; 1-replica
 runs use the first. Absolute figures move with machine load; the ratios to the
@@ -30,36 +30,32 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # noqa: E402
+from bench.common import (
+    DEFAULT_FEATURES,
+    REPO_ROOT,
+    BenchError,
+    command_line,
+    machine_description,
+    progress,
+    quiet_keras,
+    write_json,
+)
+from bench.encoder_speed import encoder_rows
+from bench.eval_speed import EVAL_CLASSES, EVAL_DATABASE, EVAL_QUERIES, MAP_RATIO_TARGET, evaluation_rows
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FEATURES = REPO_ROOT.parent / "shared" / "data" / "cifar10_effnetlite0.npz"
 SECTIONS = ("training", "evaluation", "encoders", "index")
 MODELS = {"tbh": "cifar10_tbh.py", "tbhvae": "cifar10_tbhvae.py"}
 MATMUL_SHAPE = (400, 1280, 1024)  # [m, k] x [k, n]
 TRAIN_BITS, TRAIN_BATCH = 32, 400
-EVAL_QUERIES, EVAL_DATABASE, EVAL_CLASSES = 10_000, 50_000, 10
-EVAL_TOP_K = 1000
-# evaluate_codes (q10k, curves=True) before the tie-aware metric, when it sorted the whole
-# database per query: bench/results/speed_deploy.json, recorded before commit 686e408.
-EVALUATE_CODES_SECONDS_BEFORE = {16: 12.69, 32: 12.05, 64: 11.65}
-MAP_RATIO_TARGET = 1.5  # issue 11: tie-aware mAP@1000 at 64 bits within 1.5x of the index-ties path
 SYNTHETIC_ROWS = (50_000, 10_000, 1280)  # train, test, dim when no feature file is found
-
-
-class BenchError(ValueError):
-    """Bad flags or inputs; the message names the flag and the fix."""
 
 
 def split_cpu(count: int = 2) -> None:
@@ -69,11 +65,7 @@ def split_cpu(count: int = 2) -> None:
         tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
     except RuntimeError as err:
         raise BenchError(f"cannot split the CPU into {count} logical devices ({err}); "
-                         f"run bench/speed.py as its own process") from None
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+                         f"run bench.speed as its own process") from None
 
 
 # ------------------------------------------------------------------ roofline
@@ -97,24 +89,12 @@ def matmul_flops_per_second(rounds: int = 5, repeats: int = 30) -> dict:
 
 
 def training_flops_per_example(config, input_dim: int, replica_batch: int) -> float:
-    """FLOP of one training step per example: 3 (forward + backward ~ 2 x forward) x 2 x MACs.
+    """The model's own count (TwinBottleneckHashing.training_flops_per_example) for `config`."""
+    from tbhvae.models import TwinBottleneckHashing
 
-    MACs per example: the dense layers (encoder, binary and continuous heads,
-    graph-convolution projection, decoder, critics) plus the two batch-graph
-    products, codes codes^T ([B, M] x [M, B]) and A z ([B, B] x [B, C]), which
-    cost B (M + C) per example for a per-replica batch B.
-    """
-    d, h, m, c = input_dim, config.hidden_dim, config.bits, config.continuous_dim
-    continuous_out = 2 * c if config.continuous_bottleneck == "geco_vae" else c
-    dense = d * h + h * m + h * continuous_out + c * c + c * h + h * d
-    critic = 0
-    for width, present in ((m, config.binary_bottleneck == "adversarial"),
-                           (c, config.continuous_bottleneck == "adversarial")):
-        if present:  # applied to a real and a fake batch
-            critic += 2 * ((width * config.discriminator_hidden + config.discriminator_hidden)
-                           if config.discriminator == "mlp" else width)
-    graph = replica_batch * (m + c)
-    return 6.0 * (dense + critic + graph)
+    model = TwinBottleneckHashing(config, input_dim, dataset_size=config.batch_size)
+    model.build_all()
+    return model.training_flops_per_example(replica_batch)
 
 
 # ------------------------------------------------------------------ training
@@ -132,7 +112,8 @@ def load_feature_set(path: str | None):
 
 def _small_test_split(feature_set):
     """The same features with 10 test rows per class, so the final evaluation after each run is short."""
-    from tbhvae.data import FeatureSet, per_class_queries
+    from tbhvae.data import FeatureSet
+    from tbhvae.protocol import per_class_queries
 
     rows = per_class_queries(feature_set.test_labels, 10)
     return FeatureSet(feature_set.train_features, feature_set.train_labels, feature_set.test_features[rows],
@@ -143,8 +124,7 @@ def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[lis
     """Throughput of each model x XLA x replicas; returns (rows, {model: 1-replica XLA run dir})."""
     import keras
 
-    from table import quiet_keras  # bench/table.py (the script's directory)
-    from tbhvae import training
+    from tbhvae import train
     from tbhvae.config import load_config
 
     features = _small_test_split(feature_set)
@@ -158,18 +138,18 @@ def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[lis
                     jit_compile=jit, final_eval_queries="q10k")
                 strategy = strategies[replicas]
                 row = {"model": model, "replicas": replicas, "xla": jit,
-                       "xla_effective": training.use_xla(config, strategy), "steps": steps,
+                       "xla_effective": train.use_xla(config, strategy), "steps": steps,
                        "batch": TRAIN_BATCH, "flops_per_example": training_flops_per_example(
                            config, feature_set.dim, TRAIN_BATCH // replicas)}
                 if jit and not row["xla_effective"]:
-                    row["note"] = ("skipped: training.use_xla turns XLA off for several CPU replicas "
+                    row["note"] = ("skipped: train.use_xla turns XLA off for several CPU replicas "
                                    "(the replicas share one XLA host); same as xla off")
                     rows.append(row)
                     continue
                 matmul = matmul_flops_per_second()
                 run_dir = workdir / f"{model}_r{replicas}_{'xla' if jit else 'noxla'}"
                 with quiet_keras():
-                    metrics = training.train(config, run_dir, strategy=strategy, fresh=True, feature_set=features)
+                    metrics = train.train(config, run_dir, strategy=strategy, fresh=True, feature_set=features)
                 bound = matmul["best_gflops"] * 1e9 / row["flops_per_example"]
                 row.update(examples_per_second=metrics["examples_per_second"],
                            steps_per_second=metrics["examples_per_second"] / TRAIN_BATCH,
@@ -179,111 +159,12 @@ def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[lis
                 rows.append(row)
                 if replicas == 1 and jit:
                     run_dirs[model] = run_dir
-                _progress(f"training {model}, {replicas} replica(s), XLA {jit}: "
-                          f"{row['examples_per_second']:.0f} examples/s = {row['roofline_fraction']:.0%} of "
-                          f"the roofline ({bound:.0f}/s at {matmul['best_gflops']:.0f} GFLOP/s)")
+                progress(f"training {model}, {replicas} replica(s), XLA {jit}: "
+                         f"{row['examples_per_second']:.0f} examples/s = {row['roofline_fraction']:.0%} of "
+                         f"the roofline ({bound:.0f}/s at {matmul['best_gflops']:.0f} GFLOP/s)")
                 keras.backend.clear_session()
                 gc.collect()
     return rows, run_dirs
-
-
-# ------------------------------------------------------------------ evaluation
-def evaluation_rows(bits_list: list[int], queries: int, database: int, repeats: int = 3) -> list[dict]:
-    """Wall seconds of the old and new mAP@1000 and of evaluate_codes on random codes.
-
-    Per code length, each repetition times, in this order, the index-ties
-    protocol (`mean_average_precision_index_ties`), the tie-aware
-    `mean_average_precision` and `evaluate_codes(curves=True)`, so machine load
-    hits all three alike; a row holds the best of `repeats` and every sample.
-    """
-    from tbhvae.evaluation import evaluate_codes, mean_average_precision, mean_average_precision_index_ties
-
-    paths = {
-        "map@1000_index_ties": lambda *a: mean_average_precision_index_ties(*a, top_k=EVAL_TOP_K),
-        "map@1000": lambda *a: mean_average_precision(*a, top_k=EVAL_TOP_K),
-        "evaluate_codes": lambda *a: evaluate_codes(*a, top_k=EVAL_TOP_K, curves=True),
-    }
-    rng = np.random.default_rng(0)
-    query_labels = rng.integers(0, EVAL_CLASSES, queries)
-    db_labels = rng.integers(0, EVAL_CLASSES, database)
-    rows = []
-    for bits in bits_list:
-        query_codes = rng.integers(0, 2, (queries, bits), dtype=np.uint8)
-        db_codes = rng.integers(0, 2, (database, bits), dtype=np.uint8)
-        args = (query_codes, db_codes, query_labels, db_labels)
-        samples = {name: [] for name in paths}
-        values = {}
-        for _ in range(repeats):
-            for name, path in paths.items():
-                gc.collect()
-                start = time.perf_counter()
-                value = path(*args)
-                samples[name].append(time.perf_counter() - start)
-                values[name] = value if name != "evaluate_codes" else value[f"map@{EVAL_TOP_K}"]
-        best = {name: min(times) for name, times in samples.items()}
-        row = {"bits": bits, "queries": queries, "database": database, "classes": EVAL_CLASSES,
-               "repeats": repeats,
-               "map@1000_index_ties_seconds": best["map@1000_index_ties"],
-               "map@1000_seconds": best["map@1000"],
-               "map@1000_ratio": best["map@1000"] / best["map@1000_index_ties"],
-               "evaluate_codes_seconds": best["evaluate_codes"],
-               "samples_seconds": samples,
-               "map@1000_index_ties": values["map@1000_index_ties"], "map@1000": values["map@1000"]}
-        if queries == EVAL_QUERIES and database == EVAL_DATABASE and bits in EVALUATE_CODES_SECONDS_BEFORE:
-            before = EVALUATE_CODES_SECONDS_BEFORE[bits]
-            row["evaluate_codes_seconds_before"] = before
-            row["evaluate_codes_ratio_to_before"] = best["evaluate_codes"] / before
-        rows.append(row)
-        _progress(f"evaluation {bits} bits, {queries} x {database}: mAP@1000 index ties "
-                  f"{row['map@1000_index_ties_seconds']:.2f} s, tie-aware {row['map@1000_seconds']:.2f} s "
-                  f"(x{row['map@1000_ratio']:.2f}), evaluate_codes {row['evaluate_codes_seconds']:.2f} s "
-                  f"(best of {repeats})")
-    return rows
-
-
-# ------------------------------------------------------------------ encoders
-def encoder_rows(run_dir: Path, features: np.ndarray, workdir: Path, variants: tuple[str, ...],
-                 latency_repeats: int, throughput_rows: int) -> list[dict]:
-    """Latency (batch 1) and throughput (batches of 4096) of each encoder form of a trained run."""
-    try:
-        from tbhvae import serving
-    except ImportError as err:
-        return [{"encoder": "all", "note": f"skipped: tbhvae.serving is not importable ({err})"}]
-
-    run = serving.load_run(run_dir)
-    encoders = {"keras": lambda: serving.KerasEncoder(run)}
-    saved_dir = workdir / "saved_model"
-    tflite_dir = workdir / "tflite"
-
-    def saved_model():
-        return serving.SavedModelEncoder(serving.export_saved_model(run, saved_dir, "encoder"))
-
-    encoders["saved_model"] = saved_model
-    for variant in variants:
-        def lite(variant=variant):
-            exported = serving.resolve_saved_model(saved_dir / "encoder")
-            paths = serving.write_tflite_variants(exported, tflite_dir, serving.representative_rows(features, 200),
-                                                  variants=(variant,))
-            return serving.LiteEncoder(paths[variant])
-        encoders[f"tflite_{variant}"] = lite
-
-    rows = []
-    sample = np.ascontiguousarray(features[:throughput_rows], dtype=np.float32)
-    for name, make in encoders.items():
-        try:
-            encoder = make()
-        except Exception as err:  # noqa: BLE001 - one failing export must not hide the others
-            rows.append({"encoder": name, "note": f"skipped: {type(err).__name__}: {str(err).splitlines()[0]}"})
-            _progress(f"encoder {name}: {rows[-1]['note']}")
-            continue
-        latency = serving.latency_ms(encoder, sample, batch_size=1, repeats=latency_repeats)
-        encoder.encode(sample[:4096])  # warm-up at the throughput batch size
-        start = time.perf_counter()
-        encoder.encode(sample, batch_size=4096)
-        rows.append({"encoder": name, "latency_ms": latency,
-                     "rows_per_second": len(sample) / (time.perf_counter() - start), "rows": len(sample)})
-        _progress(f"encoder {name}: {latency:.3f} ms at batch 1, {rows[-1]['rows_per_second']:.0f} rows/s")
-    return rows
 
 
 # ------------------------------------------------------------------ report
@@ -318,7 +199,7 @@ def print_report(report: dict) -> None:
         print(_markdown(report["encoders"], [
             ("encoder", "{}"), ("latency_ms", "{:.3f}"), ("rows_per_second", "{:.0f}"), ("note", "{}")]) + "\n")
     if report.get("index"):
-        from index_speed import print_table  # bench/index_speed.py (the script's directory)
+        from bench.index_speed import print_table
         print_table(report["index"])
 
 
@@ -355,10 +236,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
-    from table import machine_description  # bench/table.py (the script's directory)
-
     report = {"machine": machine_description(), "quick": args.quick, "matmul_before": matmul_flops_per_second()}
-    _progress(f"matmul {MATMUL_SHAPE}: {report['matmul_before']['best_gflops']:.0f} GFLOP/s")
+    progress(f"matmul {MATMUL_SHAPE}: {report['matmul_before']['best_gflops']:.0f} GFLOP/s")
     feature_set = source = None
     if {"training", "encoders"} & set(args.sections):
         feature_set, source = load_feature_set(args.features)
@@ -374,27 +253,26 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     if "encoders" in args.sections:
         run_dir = run_dirs.get("tbh")
         if run_dir is None:  # no training section: a short TBH run to export
-            from table import quiet_keras
-            from tbhvae import training
+            from tbhvae import train
             from tbhvae.config import load_config
             run_dir = workdir / "encoder_run"
             config = load_config(REPO_ROOT / "configs" / MODELS["tbh"]).replace(
                 bits=TRAIN_BITS, steps=20, eval_every=0, checkpoint_every=20, log_every=10, steps_per_execution=10)
             with quiet_keras():
-                training.train(config, run_dir, strategy=tf.distribute.get_strategy(), fresh=True,
-                               feature_set=_small_test_split(feature_set))
+                train.train(config, run_dir, strategy=tf.distribute.get_strategy(), fresh=True,
+                            feature_set=_small_test_split(feature_set))
         variants = ("float32",) if args.quick else ("float32", "float16", "dynamic", "int8")
         report["encoders"] = encoder_rows(run_dir, feature_set.test_features, workdir / "export", variants,
                                           latency_repeats=50 if args.quick else 500,
                                           throughput_rows=4096 if args.quick else 10_000)
     if "index" in args.sections:
-        from index_speed import bench_size  # bench/index_speed.py
+        from bench.index_speed import bench_size
         sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
         report["index"] = []
         for n in sizes:
             report["index"].append(bench_size(n, bits=64, num_queries=1000, k=100,
                                               repeats=1 if args.quick else 3, seed=0))
-            _progress(f"index {n} codes: {report['index'][-1]['numpy_best_s']:.3f} s for 1000 queries")
+            progress(f"index {n} codes: {report['index'][-1]['numpy_best_s']:.3f} s for 1000 queries")
     report["matmul_after"] = matmul_flops_per_second()
     return report
 
@@ -405,9 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
         args = parse_args(argv)
         split_cpu(2)  # before anything (tbhvae imports included) can initialise TensorFlow
     except BenchError as err:
-        raise SystemExit(f"bench/speed.py: {err}") from None
+        raise SystemExit(f"bench.speed: {err}") from None
     from tbhvae.data import DataError
-    from tbhvae.training import TrainingError
+    from tbhvae.train import TrainingError
 
     try:
         if args.workdir:
@@ -416,18 +294,16 @@ def main(argv: list[str] | None = None) -> dict:
             with tempfile.TemporaryDirectory(prefix="tbhvae-speed-") as tmp:
                 report = run(args, Path(tmp))
     except (DataError, TrainingError) as err:
-        raise SystemExit(f"bench/speed.py: {err}") from None
+        raise SystemExit(f"bench.speed: {err}") from None
     report["wall_seconds"] = time.perf_counter() - started
-    report["command"] = " ".join(["speed.py", *(argv if argv is not None else sys.argv[1:])])
+    report["command"] = command_line("speed", argv)
     print_report(report)
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_json(args.json, report)
     written = [out]
     if report.get("index"):
-        from plots import plot_index_scaling  # bench/plots.py
+        from bench.plots import plot_index_scaling
         written.append(plot_index_scaling(report["index"], Path(args.plots or out.parent) / f"{out.stem}_index.png"))
-    _progress(f"wrote {', '.join(map(str, written))} ({report['wall_seconds']:.0f} s)")
+    progress(f"wrote {', '.join(map(str, written))} ({report['wall_seconds']:.0f} s)")
     return report
 
 

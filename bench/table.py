@@ -21,8 +21,8 @@ Finished deep runs are reused: each lives in <workdir>/<method>_<bits>_s<seed>
 and is kept when its config.json and metrics.json match the requested run, so
 an interrupted table resumes where it stopped.
 
-  python bench/table.py --json table.json                  # full table (~15 min per deep run on 2 cores)
-  python bench/table.py --quick --json table_quick.json    # smoke run (minutes)
+  python -m bench.table --json table.json                  # full table (~15 min per deep run on 2 cores)
+  python -m bench.table --quick --json table_quick.json    # smoke run (minutes)
 
 Writes OUT.json = {method: {bits: {"map@1000", "map@1000_std", "map", "map_std",
 "precision@r2", "precision@r2_std", "train_seconds", "bit_balance", "seeds",
@@ -32,37 +32,34 @@ OUT_settings.json (flags, machine, versions, wall time) and the PNGs.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import hashlib
-import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from bench.common import (
+    DEEP_CONFIGS,
+    DEFAULT_FEATURES,
+    DEFAULT_WORKDIR,
+    BenchError,
+    command_line,
+    deep_config,
+    int_list,
+    jsonable,
+    machine_description,
+    overrides_tag,
+    progress,
+    quiet_keras,
+    write_json,
+)
+from tbhvae.baselines import BASELINES, run_baselines
+from tbhvae.data import DataError, FeatureSet, load_features
+from tbhvae.evaluation import health_warnings
+from tbhvae.protocol import QUERY_SETS
 
-from tbhvae.baselines import BASELINES, QUERY_SETS, select_queries  # noqa: E402
-from tbhvae.data import DataError, FeatureSet, load_features  # noqa: E402
-from tbhvae.evaluation import code_statistics, evaluate_codes, health_warnings  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FEATURES = REPO_ROOT.parent / "shared" / "data" / "cifar10_effnetlite0.npz"
-DEFAULT_WORKDIR = Path("~/.cache/tbhvae/bench_table")
 DEFAULT_BUDGET = 10000  # training steps per deep run (batch 400), the budget of the model comparison
 QUICK_BUDGET = 200
-DEEP_CONFIGS = {
-    "tbh": "cifar10_tbh.py",
-    "tbhvae": "cifar10_tbhvae.py",
-    "tbh_betatcvae": "cifar10_tbh_betatcvae.py",
-    "tbh_geco": "cifar10_tbh_geco.py",
-    "tbh_reference": "cifar10_tbh_reference.py",
-    "tbhvae_paper": "cifar10_tbhvae_paper.py",
-}
 METHODS = (*BASELINES, *DEEP_CONFIGS)
 SEED_FREE_BASELINES = ("pcah", "sh", "kmh")  # their fit ignores the seed
 # Config keys the table sets itself; --set may not change them.
@@ -71,21 +68,7 @@ SCALARS = ("map@1000", "map@1000_index_ties", "map", "precision@r2", "train_seco
            "min_bit_balance", "distinct_codes")
 
 
-class BenchError(ValueError):
-    """Bad flags or inputs; the message names the flag and the fix."""
-
-
 # ------------------------------------------------------------------ flags
-def _int_list(text: str, flag: str, minimum: int) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < minimum:
-        raise BenchError(f"{flag}: expected comma-separated integers >= {minimum}, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--features", default=str(DEFAULT_FEATURES), help="feature .npz (default: %(default)s)")
@@ -108,9 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="config override for every deep method (repeatable), e.g. input_scaling=standardize")
     args = parser.parse_args(argv)
 
-    args.bits = _int_list(args.bits, "--bits", 1)
-    args.seeds = _int_list(args.seeds or ("0" if args.quick else "0,1"), "--seeds", 0)
-    args.baseline_seeds = (_int_list(args.baseline_seeds, "--baseline_seeds", 0) if args.baseline_seeds
+    args.bits = int_list(args.bits, "--bits", 1)
+    args.seeds = int_list(args.seeds or ("0" if args.quick else "0,1"), "--seeds", 0)
+    args.baseline_seeds = (int_list(args.baseline_seeds, "--baseline_seeds", 0) if args.baseline_seeds
                            else args.seeds[:1])
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -129,59 +112,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def overrides_tag(overrides: list[str]) -> str:
-    """Run-directory name suffix: empty without config overrides, else "-" + a short hash of them."""
-    return "-" + hashlib.sha1("\n".join(sorted(overrides)).encode()).hexdigest()[:8] if overrides else ""
-
-
 def default_workdir(features: Path, queries: str, budget: int, overrides: list[str]) -> Path:
     return DEFAULT_WORKDIR.expanduser() / f"{features.stem}-{queries}-{budget}steps{overrides_tag(overrides)}"
 
 
 # ------------------------------------------------------------------ single runs
-def _jsonable(metrics: dict) -> dict:
-    """The metrics as they read back from JSON (e.g. precision_at_n keys become strings)."""
-    return json.loads(json.dumps(metrics))
-
-
-def run_baseline(feature_set: FeatureSet, method: str, bits: int, seed: int, query_rows: np.ndarray) -> dict:
-    """Fits one baseline on the train split; q/db metrics with curves plus "train_seconds" (fit)."""
-    model = BASELINES[method](bits, seed=seed)
-    started = time.perf_counter()
-    model.fit(feature_set.train_features)
-    fit_seconds = time.perf_counter() - started
-    db_codes = model.encode(feature_set.train_features)
-    metrics = evaluate_codes(model.encode(feature_set.test_features[query_rows]), db_codes,
-                             feature_set.test_labels[query_rows], feature_set.train_labels, curves=True,
-                             index_ties=True)
-    metrics["train_seconds"] = fit_seconds
-    metrics.update(code_statistics(db_codes))
-    return _jsonable(metrics)
-
-
-def deep_config(method: str, bits: int, seed: int, budget: int, queries: str, features: Path,
-                overrides: list[str]):
-    """The Config of one deep run: configs/<method>, then --set overrides, then the table's keys."""
-    from tbhvae.config import apply_overrides, load_config
-
-    config = apply_overrides(load_config(REPO_ROOT / "configs" / DEEP_CONFIGS[method]), overrides)
-    return config.replace(bits=bits, steps=budget, seed=seed, eval_every=0, checkpoint_every=budget,
-                          features=str(features),
-                          final_eval_queries=queries)
-
-
-@contextlib.contextmanager
-def quiet_keras():
-    """Sends Keras progress bars to absl logging (hidden) instead of stdout within the block."""
-    import keras
-
-    enabled = keras.config.is_interactive_logging_enabled()
-    keras.config.disable_interactive_logging()
-    try:
-        yield
-    finally:
-        if enabled:
-            keras.config.enable_interactive_logging()
+def run_baseline(feature_set: FeatureSet, method: str, bits: int, seed: int, queries: str) -> dict:
+    """Fits one baseline on the train split (`run_baselines`); its metrics with curves, "train_seconds" = fit."""
+    metrics = run_baselines(feature_set, [bits], [method], seed=seed, queries=queries, curves=True)[method][str(bits)]
+    metrics["train_seconds"] = metrics.pop("fit_seconds")
+    return jsonable(metrics)
 
 
 def run_deep(config, run_dir: Path, feature_set: FeatureSet) -> tuple[dict, bool]:
@@ -193,21 +133,20 @@ def run_deep(config, run_dir: Path, feature_set: FeatureSet) -> tuple[dict, bool
     import keras
     import tensorflow as tf
 
-    from tbhvae import training
+    from tbhvae import train
 
-    run = training.RunDirectory(run_dir)
+    run = train.RunDirectory(run_dir)
     saved = run.saved_config()
-    if saved == config and run.metrics_path.is_file():
-        metrics = json.loads(run.metrics_path.read_text())
-        # metrics without the index-ties key predate the tie-aware metric: re-evaluate by retraining
-        if metrics.get("steps") == config.steps and "map@1000_index_ties" in metrics:
-            return metrics, True
+    metrics = run.saved_metrics() if saved == config else None
+    # metrics without the index-ties key predate the tie-aware metric: re-evaluate by retraining
+    if metrics is not None and metrics.get("steps") == config.steps and "map@1000_index_ties" in metrics:
+        return metrics, True
     with quiet_keras():
-        metrics = training.train(config, run_dir, strategy=tf.distribute.get_strategy(),
-                                 fresh=saved is not None and saved != config, feature_set=feature_set)
+        metrics = train.train(config, run_dir, strategy=tf.distribute.get_strategy(),
+                              fresh=saved is not None and saved != config, feature_set=feature_set)
     keras.backend.clear_session()  # drop the finished model's graphs before the next run
     gc.collect()
-    return _jsonable(metrics), False
+    return jsonable(metrics), False
 
 
 # ------------------------------------------------------------------ aggregation
@@ -253,7 +192,7 @@ def markdown_tables(results: dict) -> str:
 
 def write_plots(results: dict, bits_list: list[int], directory: Path, prefix: str) -> list[Path]:
     """PR-by-radius and precision@N PNGs of every method at 32 bits (else the middle length)."""
-    from plots import plot_pr_curves, plot_precision_at_n  # bench/plots.py (the script's directory)
+    from bench.plots import plot_pr_curves, plot_precision_at_n
 
     bits = 32 if 32 in bits_list else sorted(bits_list)[len(bits_list) // 2]
     at_bits = {m: per_bits[str(bits)] for m, per_bits in results.items() if str(bits) in per_bits}
@@ -267,30 +206,8 @@ def write_plots(results: dict, bits_list: list[int], directory: Path, prefix: st
 
 
 # ------------------------------------------------------------------ main
-def machine_description() -> dict:
-    """CPU model and count, Python / numpy / TensorFlow versions, load average."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "numpy": np.__version__}
-    if "tensorflow" in sys.modules:
-        versions["tensorflow"] = sys.modules["tensorflow"].__version__
-    return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(),
-            "load_average": list(os.getloadavg()), **versions}
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def build_table(args: argparse.Namespace, feature_set: FeatureSet, features: Path, workdir: Path) -> dict:
     """Runs (or reuses) every method x bits x seed; returns {method: {str(bits): summary}}."""
-    query_rows = select_queries(feature_set.test_labels, args.queries)
     seeds_of = {m: (args.seeds if m in DEEP_CONFIGS else
                     args.baseline_seeds[:1] if m in SEED_FREE_BASELINES else args.baseline_seeds)
                 for m in args.methods}
@@ -299,7 +216,7 @@ def build_table(args: argparse.Namespace, feature_set: FeatureSet, features: Pat
     for number, (method, bits, seed) in enumerate(jobs, 1):
         started = time.perf_counter()
         if method in BASELINES:
-            metrics, how = run_baseline(feature_set, method, bits, seed, query_rows), "fit"
+            metrics, how = run_baseline(feature_set, method, bits, seed, args.queries), "fit"
         else:
             config = deep_config(method, bits, seed, args.budget, args.queries, features, args.set)
             metrics, reused = run_deep(config, workdir / f"{method}_{bits}_s{seed}", feature_set)
@@ -307,9 +224,9 @@ def build_table(args: argparse.Namespace, feature_set: FeatureSet, features: Pat
         per_seed.setdefault((method, bits), []).append(metrics)
         warnings = health_warnings(metrics, metrics["chance_map@1000"], len(feature_set.train_labels))
         warning = "".join(f" WARNING: {w}" for w in warnings)
-        _progress(f"[{number}/{len(jobs)}] {method} {bits} bits seed {seed}: mAP@1000 {metrics['map@1000']:.4f}, "
-                  f"mAP {metrics['map']:.4f}, P@r2 {metrics['precision@r2']:.4f} ({how}, "
-                  f"train {metrics['train_seconds']:.1f} s, wall {time.perf_counter() - started:.1f} s){warning}")
+        progress(f"[{number}/{len(jobs)}] {method} {bits} bits seed {seed}: mAP@1000 {metrics['map@1000']:.4f}, "
+                 f"mAP {metrics['map']:.4f}, P@r2 {metrics['precision@r2']:.4f} ({how}, "
+                 f"train {metrics['train_seconds']:.1f} s, wall {time.perf_counter() - started:.1f} s){warning}")
     return {m: {str(b): summarise(per_seed[(m, b)], seeds_of[m]) for b in args.bits} for m in args.methods}
 
 
@@ -319,32 +236,29 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         args = parse_args(argv)
         if any(m in DEEP_CONFIGS for m in args.methods):
-            from tbhvae.training import TrainingError
+            from tbhvae.train import TrainingError
             errors += (TrainingError,)
         features = Path(args.features).resolve()
         feature_set = load_features(features)
         workdir = Path(args.workdir) if args.workdir else default_workdir(features, args.queries, args.budget,
                                                                           args.set)
-        _progress(f"{len(args.methods)} methods x bits {args.bits} x seeds {args.seeds} on {features} "
-                  f"({args.queries}), deep budget {args.budget} steps, run directories in {workdir}")
+        progress(f"{len(args.methods)} methods x bits {args.bits} x seeds {args.seeds} on {features} "
+                 f"({args.queries}), deep budget {args.budget} steps, run directories in {workdir}")
         results = build_table(args, feature_set, features, workdir)
     except errors as err:
-        raise SystemExit(f"bench/table.py: {err}") from None
+        raise SystemExit(f"bench.table: {err}") from None
 
     print(markdown_tables(results))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    settings = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+    out = write_json(args.json, results)
+    settings = {"command": command_line("table", argv),
                 "features": str(features), "bits": args.bits, "methods": args.methods, "seeds": args.seeds,
                 "baseline_seeds": args.baseline_seeds,
                 "budget": args.budget, "queries": args.queries, "overrides": args.set, "workdir": str(workdir),
                 "wall_seconds": time.perf_counter() - started, "machine": machine_description()}
-    settings_path = out.with_name(out.stem + "_settings.json")
-    settings_path.write_text(json.dumps(settings, indent=2) + "\n")
+    settings_path = write_json(out.with_name(out.stem + "_settings.json"), settings)
     pngs = write_plots(results, args.bits, Path(args.plots) if args.plots else out.parent, out.stem)
-    _progress(f"wrote {out}, {settings_path}, {', '.join(map(str, pngs))} "
-              f"({time.perf_counter() - started:.0f} s)")
+    progress(f"wrote {out}, {settings_path}, {', '.join(map(str, pngs))} "
+             f"({time.perf_counter() - started:.0f} s)")
     return results
 
 

@@ -47,7 +47,8 @@ def check_features(features, name: str, dim: int | None = None, error: type[Exce
     finite = np.isfinite(array)
     if not finite.all():
         row = int(np.argwhere(~finite)[0, 0])
-        raise error(f"{name}: holds {int((~finite).sum())} NaN/Inf values (first in row {row})")
+        raise error(f"{name} holds {int((~finite).sum())} NaN/Inf values (first in row {row}); "
+                    f"clean or drop those rows")
     return array
 
 

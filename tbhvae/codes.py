@@ -62,6 +62,11 @@ def to_words(packed: np.ndarray) -> np.ndarray:
     return padded.view(np.uint64)
 
 
+def database_words(packed: np.ndarray) -> np.ndarray:
+    """`to_words` [n, W] in column-major memory: the database layout `hamming_distances` reads without a copy."""
+    return np.asfortranarray(to_words(packed))
+
+
 def hamming_distances(query_words: np.ndarray, db_words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Hamming distances between word-packed codes: [q, W] x [n, W] -> [q, n].
 
@@ -70,12 +75,13 @@ def hamming_distances(query_words: np.ndarray, db_words: np.ndarray, out: np.nda
     array wide enough for W * 64) is filled instead when given. The database
     is walked in cache-sized blocks of columns, each compared with one query
     row at a time, so the XOR scratch never leaves the L2 cache. Memory is
-    O(q * n); callers chunk the queries.
+    O(q * n); callers chunk the queries. `db_words` in column-major memory
+    (`database_words`) is read in place; any other layout is copied once per call.
     """
     q, n = query_words.shape[0], db_words.shape[0]
     if out is None:
         out = np.empty((q, n), dtype=np.uint8 if query_words.shape[1] <= 3 else np.uint16)
-    db_columns = np.ascontiguousarray(db_words.T)  # [W, n]; free for a transposed word-major array
+    db_columns = np.ascontiguousarray(db_words.T)  # [W, n]; a view of a column-major db_words
     block = max(1, min(n, _DB_BLOCK))
     xor = np.empty(block, dtype=np.uint64)
     count = np.empty(block, dtype=np.uint8)

@@ -35,21 +35,21 @@ class Config:
     backbone_weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
     data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
     cache_dir: str = "~/.cache/tbhvae"  # extracted feature cache
-    input_scaling: Literal["none", "standardize", "l2"] = "none"  # "none" (reference) | "standardize" | "l2" (unit-norm rows)
+    input_scaling: Literal["none", "standardize", "l2"] = "none"  # none: as the reference code; l2: unit-norm rows
     # --- model --------------------------------------------------------------
     bits: int = 32  # M, binary code length
     continuous_dim: int = 512  # size of the continuous bottleneck z
     hidden_dim: int = 1024  # encoder/decoder hidden width
-    binary_bottleneck: Literal["adversarial", "betatcvae"] = "adversarial"  # "adversarial" (TBH) | "betatcvae" (TBH-VAE)
-    continuous_bottleneck: Literal["adversarial", "geco_vae"] = "adversarial"  # "adversarial" (TBH) | "geco_vae" (TBH-VAE)
-    binary_threshold: Literal["fixed", "uniform"] = "fixed"  # "fixed" eps=0.5 (reference code) | "uniform" eps~U(0,1) (paper)
-    continuous_activation: Literal["sigmoid", "linear"] = "sigmoid"  # TBH's z activation: "sigmoid" | "linear"
+    binary_bottleneck: Literal["adversarial", "betatcvae"] = "adversarial"  # adversarial: TBH; betatcvae: TBH-VAE
+    continuous_bottleneck: Literal["adversarial", "geco_vae"] = "adversarial"  # adversarial: TBH; geco_vae: TBH-VAE
+    binary_threshold: Literal["fixed", "uniform"] = "fixed"  # eps = 0.5 (reference code) | eps ~ U(0, 1)
+    continuous_activation: Literal["sigmoid", "linear"] = "sigmoid"  # TBH's z activation
     graph_exponent: float = 1.4  # gamma in A = (1 - d_H/M)^gamma (1.4 code, 1.0 paper)
-    decoder_activation: Literal["relu", "linear"] = "relu"  # "relu" (reference) | "linear"
-    discriminator: Literal["linear", "mlp"] = "linear"  # "linear" single Dense (reference) | "mlp"
+    decoder_activation: Literal["relu", "linear"] = "relu"  # relu: as the reference code
+    discriminator: Literal["linear", "mlp"] = "linear"  # one Dense (reference code) | an MLP
     discriminator_hidden: int = 256  # hidden width of the "mlp" critic
     # --- objectives ---------------------------------------------------------
-    reconstruction: Literal["sum", "mean"] = "sum"  # "sum" = l2_loss over the batch (reference) | "mean" per element
+    reconstruction: Literal["sum", "mean"] = "sum"  # l2_loss of the batch (reference code) | per element
     reconstruction_weight: float = 1.0  # multiplies the reconstruction loss (models without GECO)
     adversarial_weight: float = 1.0  # weight of both adversarial terms in the encoder's loss
     # beta-TCVAE penalty alpha*MI + beta*max(0, TC - floor) + gamma*DWKL. alpha = 0 and beta = gamma
@@ -59,11 +59,11 @@ class Config:
     tc_beta: float = 1.0  # total correlation weight
     tc_gamma: float = 1.0  # dimension-wise KL weight
     tc_hinge: bool = True  # subtract the TC of ideal codes, max(0, M log 2 - log N), and clip at 0
-    tc_estimator: Literal["mws", "mss"] = "mss"  # "mws" minibatch-weighted | "mss" minibatch-stratified
-    tc_marginals: Literal["batch_mean", "estimator"] = "batch_mean"  # q(b_k): "batch_mean" Bernoulli(mean p) | "estimator" like q(b)
+    tc_estimator: Literal["mws", "mss"] = "mss"  # minibatch-weighted | minibatch-stratified
+    tc_marginals: Literal["batch_mean", "estimator"] = "batch_mean"  # q(b_k): Bernoulli(mean p) | as q(b)
     binary_kl_weight: float = 1.0  # overall weight of the beta-TCVAE terms
     similarity_weight: float = 0.0  # pairwise code-similarity term as a likelihood, x (B - 1) M / 2 (0 = off)
-    similarity_target: Literal["cosine", "anchor"] = "cosine"  # "cosine" centred cosine | "anchor" max(anchor graph, cosine)
+    similarity_target: Literal["cosine", "anchor"] = "cosine"  # centred cosine | max(anchor graph, cosine)
     similarity_scale: float = 2.0  # target = clip(scale * centred cosine, -1, 1)
     anchors: int = 300  # anchor-graph target: k-means anchors (AGH's default)
     nearest_anchors: int = 2  # anchor-graph target: anchors per row (AGH's default)
@@ -85,7 +85,7 @@ class Config:
     seed: int = 0  # every random draw (initialisation, batches, sampling, anchors)
     jit_compile: bool = False  # XLA: slower than TF's own CPU kernels here (BENCHMARKS.md); true on GPUs
     steps_per_execution: int = 50  # steps per tf.function call (1 with several replicas)
-    mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"  # "float32" | "mixed_float16" | "mixed_bfloat16"
+    mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"  # Keras dtype policy
     # --- logging / evaluation -----------------------------------------------
     log_every: int = 100  # steps between TensorBoard scalars
     eval_every: int = 1000  # steps between mAP evaluations (0 = only at the end)

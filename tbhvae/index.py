@@ -2,7 +2,8 @@
 
 `HammingIndex` keeps codes packed into uint64 words (bit order of
 `tbhvae.codes`) and answers k-nearest and radius queries by brute force:
-XOR + popcount against every stored code, then an exact selection.
+XOR + popcount against every stored code, then an exact selection
+(`tbhvae.search`).
 
 Result order is fixed: ascending Hamming distance, ties broken by position in
 the index (insertion order; equal to id order for default ids). Every backend
@@ -13,26 +14,20 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from tbhvae.codes import check_bits, hamming_distances, to_words, unpack_codes
+from tbhvae import search
+from tbhvae.checks import atomic_path, check_labels
+from tbhvae.codes import check_bits, database_words, num_bytes, to_words, unpack_codes
 
 FORMAT_NAME = "tbhvae.hamming_index"
 FORMAT_VERSION = 1
 BACKENDS = ("auto", "numpy", "faiss")
 
-# Bytes of one worker's [queries, n] distance block.
-_DISTANCE_BLOCK_BYTES = 64 * 2**20
-# Below this many query x code pairs, a thread pool costs more than it saves.
-_MIN_PARALLEL_PAIRS = 2**22
-# backend="auto" picks faiss (when installed) from this code length on. Exact
-# top-100 of 1,000 queries in 10^6 codes on 2 cores (bench/index_speed.py),
-# numpy vs faiss with re-ranking: 16 bits 1.9 vs 7.3 s (ties make the
-# re-ranking fetch grow), 32 bits 1.8 vs 1.3 s, 64 bits 1.9 vs 1.2 s,
-# 128 bits 3.5 vs 1.4 s.
+# backend="auto" picks faiss (when installed) from this code length on; below it, ties make
+# faiss's exact re-ranking fetch far past k (BENCHMARKS.md, exact top-k search).
 _AUTO_FAISS_MIN_BITS = 32
 
 
@@ -57,16 +52,6 @@ def _check_ids(ids, n: int, name: str = "ids") -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=np.int64)
 
 
-def _check_labels(labels, n: int) -> np.ndarray:
-    """Returns labels as a numeric array with n rows ([n] class ids or [n, C] multi-hot)."""
-    labels = np.asarray(labels)
-    if labels.ndim not in (1, 2) or labels.shape[0] != n:
-        raise ValueError(f"labels: expected shape ({n},) or ({n}, classes), got {labels.shape}")
-    if n and labels.dtype.kind not in "biuf":
-        raise ValueError(f"labels: expected numeric labels, got dtype {labels.dtype}")
-    return np.ascontiguousarray(labels)
-
-
 def _check_paths(paths, n: int) -> np.ndarray:
     """Returns paths as a unicode array [n]."""
     paths = np.asarray([str(p) for p in paths], dtype=str)
@@ -80,39 +65,6 @@ def _check_duplicates(ids: np.ndarray) -> None:
     repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
     if repeated.size:
         raise ValueError(f"ids must be unique; id {repeated[0]} occurs more than once")
-
-
-def _kth_smallest(row: np.ndarray, k: int, top: int, guess: int) -> int:
-    """Smallest t with at least k entries of `row` <= t (1 <= k <= len(row)).
-
-    Gallops from `guess` (the previous query's answer, usually close) until the
-    answer is bracketed, then bisects; every probe is one vectorised count.
-    `top` bounds all values of `row`.
-    """
-    lo, hi = 0, top
-    probe, step = min(max(guess, 0), top), 1
-    lo_known = hi_known = False
-    while lo < hi:
-        if np.count_nonzero(row <= probe) >= k:
-            hi, hi_known = probe, True
-        else:
-            lo, lo_known = probe + 1, True
-        if lo_known and hi_known:
-            probe = (lo + hi) // 2
-        elif hi_known:
-            probe = max(lo, hi - step)
-        else:
-            probe = min(hi, lo + step - 1)
-        step *= 2
-    return lo
-
-
-def _sorted_within(row: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, positions) of entries <= threshold, by distance then position."""
-    positions = np.flatnonzero(row <= threshold)
-    distances = row[positions]
-    order = np.argsort(distances, kind="stable")
-    return distances[order], positions[order]
 
 
 class HammingIndex:
@@ -146,7 +98,7 @@ class HammingIndex:
         """
         packed = np.asarray(packed)
         bits = int(bits)
-        nbytes = -(-bits // 8)
+        nbytes = num_bytes(bits)
         if bits < 1 or packed.ndim != 2 or packed.shape[1] != nbytes or packed.dtype != np.uint8:
             raise ValueError(f"packed: expected uint8 [n, {nbytes}] for {bits}-bit codes, "
                              f"got {packed.dtype} {packed.shape}")
@@ -169,17 +121,17 @@ class HammingIndex:
         self._bits = bits
         self._backend = backend
         self._workers = int(workers) if workers is not None else (os.cpu_count() or 1)
-        self._words = np.ascontiguousarray(to_words(packed).T)
+        self._words = database_words(packed)  # uint64 [n, W], column-major
         self._ids = _check_ids(np.arange(n) if ids is None else ids, n)
         _check_duplicates(self._ids)
-        self._labels = None if labels is None else _check_labels(labels, n)
+        self._labels = None if labels is None else check_labels(labels, n, "labels")
         self._paths = None if paths is None else _check_paths(paths, n)
         self._faiss_index = None
 
     # ----------------------------------------------------------------- contents
 
     def __len__(self) -> int:
-        return self._words.shape[1]
+        return self._words.shape[0]
 
     def __repr__(self) -> str:
         return f"HammingIndex(n={len(self)}, bits={self._bits}, backend={self._backend!r})"
@@ -217,8 +169,7 @@ class HammingIndex:
     @property
     def packed(self) -> np.ndarray:
         """Codes packed as by `tbhvae.codes.pack_codes`: uint8 [n, ceil(bits / 8)] (a copy)."""
-        nbytes = -(-self._bits // 8)
-        return np.ascontiguousarray(self._words.T).view(np.uint8)[:, :nbytes].copy()
+        return np.ascontiguousarray(self._words).view(np.uint8)[:, :num_bytes(self._bits)].copy()
 
     @property
     def codes(self) -> np.ndarray:
@@ -252,15 +203,15 @@ class HammingIndex:
                 raise ValueError(f"add: the index {state} {name}; pass {name} "
                                  f"{'for the new codes' if held is not None else '=None'}")
         if labels is not None:
-            new_labels = _check_labels(labels, m)
+            new_labels = check_labels(labels, m, "labels")
             if new_labels.shape[1:] != self._labels.shape[1:]:
                 raise ValueError(f"labels: expected trailing shape {self._labels.shape[1:]}, "
                                  f"got {new_labels.shape[1:]}")
             self._labels = np.concatenate([self._labels, new_labels])
         if paths is not None:
             self._paths = np.concatenate([self._paths, _check_paths(paths, m)])
-        new_words = np.ascontiguousarray(to_words(np.packbits(codes, axis=1)).T)
-        self._words = np.concatenate([self._words, new_words], axis=1)
+        new_words = to_words(np.packbits(codes, axis=1))
+        self._words = np.concatenate([self._words.T, new_words.T], axis=1).T  # stays column-major
         self._ids = all_ids
         if self._faiss_index is not None:
             self._faiss_index.add(np.packbits(codes, axis=1))
@@ -282,9 +233,9 @@ class HammingIndex:
         if k == 0 or q == 0:
             return np.zeros((q, k), dtype=np.int32), np.zeros((q, k), dtype=np.int64)
         if self.backend == "faiss":
-            distances, positions = self._faiss_top_k(query_words, k)
+            distances, positions = search.faiss_top_k(self._faiss(), len(self), query_words, k)
         else:
-            distances, positions = self._numpy_top_k(query_words, k)
+            distances, positions = search.numpy_top_k(self._words, self._bits, query_words, k, self._workers)
         return distances, self._ids[positions]
 
     def radius_search(self, query_codes, radius: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -296,15 +247,8 @@ class HammingIndex:
         query_words = self._query_words(query_codes)
         if not isinstance(radius, (int, np.integer)) or isinstance(radius, bool) or radius < 0:
             raise ValueError(f"radius: expected a non-negative integer, got {radius!r}")
-        results = [None] * query_words.shape[0]
-
-        def select(i, row, guess):
-            distances, positions = _sorted_within(row, int(radius))
-            results[i] = (distances.astype(np.int32), self._ids[positions])
-            return guess
-
-        self._scan(query_words, select)
-        return results
+        within = search.numpy_within(self._words, self._bits, query_words, int(radius), self._workers)
+        return [(distances, self._ids[positions]) for distances, positions in within]
 
     def _check_length(self, codes: np.ndarray, name: str) -> None:
         if codes.shape[1] != self._bits:
@@ -316,86 +260,11 @@ class HammingIndex:
         self._check_length(codes, "query_codes")
         return to_words(np.packbits(codes, axis=1))
 
-    def _numpy_top_k(self, query_words, k):
-        q = query_words.shape[0]
-        distances = np.empty((q, k), dtype=np.int32)
-        positions = np.empty((q, k), dtype=np.int64)
-
-        def select(i, row, guess):
-            threshold = _kth_smallest(row, k, self._bits, guess)
-            row_distances, row_positions = _sorted_within(row, threshold)
-            distances[i] = row_distances[:k]
-            positions[i] = row_positions[:k]
-            return threshold
-
-        self._scan(query_words, select)
-        return distances, positions
-
-    def _scan(self, query_words, select) -> None:
-        """Calls select(query_index, distance_row, guess) -> guess for every query.
-
-        Queries are split across worker threads; each worker fills a bounded
-        [chunk, n] distance block at a time. `guess` carries a hint (the last
-        threshold) from one query to the next within a worker.
-        """
-        q, n = query_words.shape[0], len(self)
-        dtype = np.min_scalar_type(self._bits)
-        chunk = max(1, min(q, _DISTANCE_BLOCK_BYTES // max(1, n * np.dtype(dtype).itemsize)))
-        workers = min(self._workers, q) if q * n >= _MIN_PARALLEL_PAIRS else 1
-        bounds = np.linspace(0, q, workers + 1).astype(int)
-
-        def run(begin, end):
-            block = np.empty((min(chunk, end - begin), n), dtype=dtype)
-            guess = self._bits // 2
-            for start in range(begin, end, chunk):
-                stop = min(end, start + chunk)
-                hamming_distances(query_words[start:stop], self._words.T, out=block[:stop - start])
-                for offset in range(stop - start):
-                    guess = select(start + offset, block[offset], guess)
-
-        if workers == 1:
-            run(0, q)
-            return
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(run, bounds[w], bounds[w + 1]) for w in range(workers)]:
-                future.result()
-
-    def _faiss_top_k(self, query_words, k):
-        """Top-k through faiss, re-ranked to the numpy order.
-
-        faiss's order among equal distances is not part of its API (and it may
-        cut a tie at k), so each query fetches more than k neighbours until
-        the last fetched distance exceeds the k-th one: then every code tied at
-        the k-th distance is a candidate, and sorting the candidates by
-        (distance, position) reproduces the numpy order exactly.
-        """
-        faiss_index = self._faiss()
-        n = len(self)
-        nbytes = faiss_index.code_size
-        queries = np.ascontiguousarray(query_words.view(np.uint8)[:, :nbytes])
-        distances = np.empty((queries.shape[0], k), dtype=np.int32)
-        positions = np.empty((queries.shape[0], k), dtype=np.int64)
-        pending = np.arange(queries.shape[0])
-        fetch = min(n, 2 * k + 16)
-        while pending.size:
-            found_distances, found_positions = faiss_index.search(queries[pending], fetch)
-            complete = (found_distances[:, -1] > found_distances[:, k - 1]) | (fetch == n)
-            key = found_distances[complete].astype(np.int64) * n + found_positions[complete]
-            order = np.argsort(key, axis=1)[:, :k]
-            rows = pending[complete]
-            distances[rows] = np.take_along_axis(found_distances[complete], order, axis=1)
-            positions[rows] = np.take_along_axis(found_positions[complete], order, axis=1)
-            pending = pending[~complete]
-            fetch = min(n, 4 * fetch)
-        return distances, positions
-
     def _faiss(self):
         if self._faiss_index is None:
             faiss = _faiss_module()
-            packed = np.ascontiguousarray(self._words.T).view(np.uint8)
-            nbytes = -(-self._bits // 8)
-            self._faiss_index = faiss.IndexBinaryFlat(8 * nbytes)
-            self._faiss_index.add(np.ascontiguousarray(packed[:, :nbytes]))
+            self._faiss_index = faiss.IndexBinaryFlat(8 * num_bytes(self._bits))
+            self._faiss_index.add(self.packed)
         return self._faiss_index
 
     # ------------------------------------------------------------------- files
@@ -414,10 +283,8 @@ class HammingIndex:
             arrays["labels"] = self._labels
         if self._paths is not None:
             arrays["paths"] = self._paths
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(partial, path)
+        with atomic_path(path, ".partial") as partial, open(partial, "wb") as file:
+            np.savez(file, **arrays)  # a file object: np.savez appends no ".npz"
 
     @classmethod
     def load(cls, path, *, backend: str = "auto", workers: int | None = None) -> "HammingIndex":

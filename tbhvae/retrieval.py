@@ -1,28 +1,22 @@
-"""Hamming-distance retrieval with an exported encoder: build an index, query it, draw examples.
+"""Retrieval with an exported encoder: index the train split, query it with the test split, draw examples.
 
-    python -m tbhvae.retrieval build --encoder exported/tbh --features cifar10_effnetlite0.npz \\
-        --index cifar10_train.index.npz
-    python -m tbhvae.retrieval query --encoder exported/tbh --features cifar10_effnetlite0.npz \\
-        --index cifar10_train.index.npz --k 10 --results results.json \\
-        --images cifar10_jpeg.npz --figure retrieval.png --logdir runs/retrieval
-
-`--encoder` is an exported SavedModel (its versions directory or one version), a `.tflite`
-file or a training run directory. The database is the train split of the feature file
-(ids = row numbers, labels stored in the index); queries are rows of its test split.
-With `--images` (a JPEG .npz whose rows align with the feature file, e.g.
-cifar10_jpeg.npz) and no `--features`, an image export encodes the JPEG files directly.
-The figure shows one query per row, then its top-k; retrieved images of the query's
-class (sharing a label, for multi-label data) are framed green, the others red.
+`build`, `query` and `draw` are the commands of `tbhvae.cli.retrieval` (its
+docstring shows the command lines). An encoder is an exported SavedModel, a
+`.tflite` file or a training run directory (`tbhvae.encoders.open_encoder`).
+In the figure, retrieved images relevant to the query (`tbhvae.protocol.relevant`)
+are framed green, the others red.
 """
 from __future__ import annotations
 
 import functools
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from tbhvae import protocol
+from tbhvae.checks import atomic_path, atomic_write
 
 FRAME_QUERY = (90, 90, 90)
 FRAME_CORRECT = (0, 170, 0)
@@ -117,16 +111,6 @@ def retrieval_figure(query_images: list[bytes], result_images: list[list[bytes]]
     return np.asarray(picture)
 
 
-def relevant(query_labels: np.ndarray, result_labels: np.ndarray) -> np.ndarray:
-    """bool [q, k]: result j of query i shares its class (or, multi-hot, a label).
-
-    query_labels: [q] or [q, C]; result_labels: [q, k] or [q, k, C].
-    """
-    if query_labels.ndim == 1:
-        return result_labels == query_labels[:, None]
-    return (result_labels & query_labels[:, None, :]).any(axis=-1)
-
-
 def figure_queries(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     """`count` query rows: one random query per class in turn (single-label), else random rows."""
     rng = np.random.default_rng(seed)
@@ -140,9 +124,9 @@ def figure_queries(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
 # ------------------------------------------------------------------ commands
 @functools.lru_cache(maxsize=1)
 def _encoder(path: str):
-    from tbhvae import serving
+    from tbhvae.encoders import open_encoder
 
-    return serving.open_encoder(path)
+    return open_encoder(path)
 
 
 @functools.lru_cache(maxsize=1)
@@ -162,7 +146,7 @@ def encode_split(encoder_path: str, features_path: str | None, images_path: str 
     From `features_path` (any encoder) or, without it, from the JPEG files of
     `images_path` (an exported SavedModel with image signatures).
     """
-    from tbhvae import serving
+    from tbhvae.encoders import SavedModelEncoder
 
     encoder = _encoder(encoder_path)
     if features_path:
@@ -181,7 +165,7 @@ def encode_split(encoder_path: str, features_path: str | None, images_path: str 
         return encoder.encode(features)["bits"], labels
     if not images_path:
         raise RetrievalError("pass --features FILE.npz (or --images FILE.npz with an image export)")
-    if not isinstance(encoder, serving.SavedModelEncoder):
+    if not isinstance(encoder, SavedModelEncoder):
         raise RetrievalError("encoding images needs an exported SavedModel with image signatures as --encoder")
     count = image_count(images_path, split)
     rows = np.arange(count) if rows is None else np.asarray(rows)
@@ -225,7 +209,7 @@ def query(encoder: str, features: str | None, images: str | None, index_path: st
     print(f"searched {len(codes)} queries, top {ids.shape[1]} of {len(index)} in {seconds:.3f} s")
     db_labels = index.labels
     if labels is not None and db_labels is not None:
-        hits = relevant(labels, db_labels[ids])
+        hits = protocol.relevant(labels, db_labels[ids])
         summary[f"precision@{ids.shape[1]}"] = float(hits.mean())
         print(f"precision@{ids.shape[1]}: {hits.mean():.4f}")
         if compute_map:
@@ -240,9 +224,10 @@ def query(encoder: str, features: str | None, images: str | None, index_path: st
         path = Path(results_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".npz":
-            np.savez(path, ids=ids, distances=distances, query_rows=np.arange(len(codes)))
+            with atomic_path(path, ".tmp.npz") as tmp:
+                np.savez(tmp, ids=ids, distances=distances, query_rows=np.arange(len(codes)))
         else:
-            path.write_text(json.dumps({**summary, "ids": ids.tolist(), "distances": distances.tolist()}))
+            atomic_write(path, json.dumps({**summary, "ids": ids.tolist(), "distances": distances.tolist()}))
         print(f"results written to {path}")
     return summary
 
@@ -268,7 +253,7 @@ def draw(encoder: str, features: str | None, images: str, index_path: str, figur
     _, ids = index.search(codes, k)
     order = np.argsort(index.ids)
     positions = order[np.searchsorted(index.ids, ids, sorter=order)]
-    hits = relevant(labels, index.labels[positions])
+    hits = protocol.relevant(labels, index.labels[positions])
     query_images = jpeg_rows(images, "test", picks)
     result_images = [jpeg_rows(images, "train", row_ids) for row_ids in ids]
     picture = retrieval_figure(query_images, result_images, hits, cell=cell)
@@ -286,64 +271,3 @@ def draw(encoder: str, features: str | None, images: str, index_path: str, figur
                              description=f"queries from {features or images} against {index_path}")
         print(f"TensorBoard image written to {logdir} (tensorboard --logdir {logdir})")
     return picture
-
-
-# ------------------------------------------------------------------ command line
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("encoder", None, "Exported SavedModel dir, .tflite file or training run dir.", required=True)
-    flags.DEFINE_string("index", None, "Index file (.npz) to write (build) or read (query).", required=True)
-    flags.DEFINE_string("features", None, "Feature .npz: train split = database, test split = queries.")
-    flags.DEFINE_string("images", None, "JPEG .npz aligned with the features (cifar10_jpeg.npz): images for the "
-                        "figure, or what to encode when --features is not given.")
-    flags.DEFINE_integer("k", 10, "Results per query.", lower_bound=1)
-    flags.DEFINE_integer("queries", 0, "Use the first N test rows as queries (0 = all).", lower_bound=0)
-    flags.DEFINE_string("results", None, "Write ids and distances here (.json or .npz).")
-    flags.DEFINE_integer("show", 5, "Print the results of this many queries.", lower_bound=0)
-    flags.DEFINE_bool("map", False, "Also compute mAP@1000 of the queries.")
-    flags.DEFINE_string("figure", None, "Write the retrieval-examples PNG here (needs --images).")
-    flags.DEFINE_integer("figure_rows", 10, "Queries in the figure (one random query per class in turn).",
-                         lower_bound=1)
-    flags.DEFINE_integer("figure_cell", 64, "Pixel size of each image in the figure.", lower_bound=8)
-    flags.DEFINE_integer("seed", 0, "Seed of the figure's query choice.")
-    flags.DEFINE_string("logdir", None, "Also write the figure to TensorBoard here.")
-
-
-def main(argv) -> None:
-    from absl import flags
-
-    from tbhvae.serving import ExportError
-
-    options = flags.FLAGS
-    if len(argv) != 2 or argv[1] not in ("build", "query"):
-        sys.exit("usage: python -m tbhvae.retrieval build|query --encoder E --index I [--features F] ...; "
-                 "see --help")
-    for key in ("k", "figure_rows", "figure_cell"):
-        if getattr(options, key) < 1:
-            sys.exit(f"error: --{key} must be >= 1, got {getattr(options, key)}")
-    try:
-        if argv[1] == "build":
-            build(options.encoder, options.features, options.images, options.index)
-            return
-        query(options.encoder, options.features, options.images, options.index, options.k, options.queries,
-              options.results, options.show, options.map)
-        if options.figure or options.logdir:
-            if not options.images:
-                raise RetrievalError("--figure/--logdir need --images (a JPEG .npz aligned with the features)")
-            draw(options.encoder, options.features, options.images, options.index,
-                 options.figure or str(Path(options.logdir) / "retrieval.png"), options.figure_rows,
-                 options.k, options.figure_cell, options.seed, options.logdir)
-    except (RetrievalError, ExportError) as err:
-        sys.exit(f"error: {err}")
-
-
-def run() -> None:
-    from absl import app
-
-    _define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

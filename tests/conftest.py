@@ -27,6 +27,7 @@ def shared_file(name: str) -> Path:
 def cifar_features():
     """A small real slice of the shared CIFAR-10 features: 2,000 train / 300 test (all classes)."""
     import numpy as np
+
     from tbhvae.data import FeatureSet, load_features
 
     full = load_features(shared_file("cifar10_effnetlite0.npz"))

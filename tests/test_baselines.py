@@ -1,17 +1,17 @@
-"""Tests for tbhvae.baselines: the classic hashing methods and their CLI."""
+"""Tests for tbhvae.baselines (the classic hashing methods) and their CLI, tbhvae.cli.baselines."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-
-import tbhvae
 import pytest
 
-from tbhvae.baselines import AGH, BASELINES, ITQ, PCAH, SH, SpherH, run_baselines, select_queries
+import tbhvae
+from tbhvae.baselines import AGH, BASELINES, ITQ, PCAH, SH, SpherH, run_baselines
 from tbhvae.data.features import FeatureSet, save_features
 from tbhvae.evaluation import mean_average_precision
+from tbhvae.protocol import select_queries
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR_FEATURES = DATA_DIR / "cifar10_effnetlite0.npz"
@@ -202,7 +202,7 @@ def tiny_npz(tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tbhvae.baselines", *args],
+    return subprocess.run([sys.executable, "-m", "tbhvae.cli.baselines", *args],
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,37 +1,15 @@
-"""Smoke tests of bench/table.py (--quick) and bench/curve.py on a tiny synthetic feature file."""
-import importlib
+"""Smoke tests of bench.table (--quick) and bench.curve on a tiny synthetic feature file."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench import common, curve, table
 from tbhvae.data import FeatureSet, save_features
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 TINY_DEEP = ["--set", "hidden_dim=32", "--set", "continuous_dim=16", "--set", "batch_size=64",
              "--set", "steps_per_execution=5", "--set", "log_every=5", "--set", "jit_compile=false"]
-
-
-@pytest.fixture(scope="module")
-def bench_import():
-    """Imports a bench/ script as a module, with bench/ on sys.path as when it runs as a script."""
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(BENCH_DIR))
-
-
-@pytest.fixture(scope="module")
-def table(bench_import):
-    return bench_import("table")
-
-
-@pytest.fixture(scope="module")
-def curve(bench_import):
-    return bench_import("curve")
 
 
 def clustered_features(path: Path) -> Path:
@@ -44,7 +22,7 @@ def clustered_features(path: Path) -> Path:
     return save_features(path, FeatureSet(train, train_labels, test, test_labels))
 
 
-def test_quick_table_writes_schema_plots_and_resumes(tmp_path, table):
+def test_quick_table_writes_schema_plots_and_resumes(tmp_path):
     features = clustered_features(tmp_path / "tiny.npz")
     out = tmp_path / "out" / "table.json"
     argv = ["--quick", "--features", str(features), "--json", str(out), "--bits", "16",
@@ -83,7 +61,7 @@ def test_quick_table_writes_schema_plots_and_resumes(tmp_path, table):
     assert again["tbh"]["16"]["seeds"] == results["tbh"]["16"]["seeds"]
 
 
-def test_bad_flags_fail_with_one_line(tmp_path, table):
+def test_bad_flags_fail_with_one_line(tmp_path):
     features = clustered_features(tmp_path / "tiny.npz")
     with pytest.raises(SystemExit, match="--methods: unknown vgg"):
         table.main(["--features", str(features), "--methods", "itq,vgg"])
@@ -93,7 +71,7 @@ def test_bad_flags_fail_with_one_line(tmp_path, table):
         table.main(["--features", str(tmp_path / "missing.npz"), "--methods", "itq"])
 
 
-def test_curve_milestones_continue_one_run_and_resume(tmp_path, curve, table):
+def test_curve_milestones_continue_one_run_and_resume(tmp_path):
     features = clustered_features(tmp_path / "tiny.npz")
     out = tmp_path / "out" / "curve.json"
     argv = ["--features", str(features), "--json", str(out), "--bits", "8", "--steps", "5,10",
@@ -107,9 +85,9 @@ def test_curve_milestones_continue_one_run_and_resume(tmp_path, curve, table):
         assert 0.0 <= point["map@1000"] <= 1.0 and point["train_seconds"] > 0.0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The 10-step point resumed the 5-step run: it equals one straight 10-step run.
-    config = table.deep_config("tbh", 8, 0, 10, "q1k", features, TINY_DEEP[1::2])
-    from tbhvae import training
-    straight = training.train(config, tmp_path / "straight")
+    config = common.deep_config("tbh", 8, 0, 10, "q1k", features, TINY_DEEP[1::2])
+    from tbhvae import train
+    straight = train.train(config, tmp_path / "straight")
     assert result["runs"]["8"][1]["map@1000"] == pytest.approx(straight["map@1000"], abs=1e-6)
 
     # Rerunning reuses the finished milestones (nothing is trained or rewritten).

@@ -6,8 +6,13 @@ import pytest
 import tbhvae.codes as codes_module
 import tbhvae.evaluation as evaluation_module
 from tbhvae.codes import hamming_distances, pack_codes, to_words, unpack_codes
-from tbhvae.evaluation import (distance_histograms, evaluate_codes, mean_average_precision,
-                               mean_average_precision_index_ties, tie_aware_precision_at)
+from tbhvae.evaluation import (
+    distance_histograms,
+    evaluate_codes,
+    mean_average_precision,
+    mean_average_precision_index_ties,
+)
+from tbhvae.tie_aware import tie_aware_precision_at
 
 
 def _relevance(query_label, db_labels):
@@ -153,7 +158,8 @@ def test_index_ties_protocol_against_brute_force(bits, top_k):
     db_labels = rng.integers(0, 5, 600)
     query_labels = rng.integers(0, 5, 40)
     expected = index_ties_reference(queries, db, query_labels, db_labels, top_k)
-    assert mean_average_precision_index_ties(queries, db, query_labels, db_labels, top_k=top_k) == pytest.approx(expected)
+    got = mean_average_precision_index_ties(queries, db, query_labels, db_labels, top_k=top_k)
+    assert got == pytest.approx(expected)
 
 
 def test_index_ties_protocol_regression():

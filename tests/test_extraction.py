@@ -260,7 +260,7 @@ def test_features_for_tfds_cifar10_with_mock_data(tmp_path, tiny, online):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "tbhvae.data.extraction", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "tbhvae.cli.extract", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import tbhvae.codes as codes_module
 import tbhvae.index as index_module
+import tbhvae.search as search_module
 from tbhvae.codes import pack_codes
 from tbhvae.index import HammingIndex
 
@@ -57,8 +58,8 @@ def test_auto_backend_uses_faiss_only_for_long_codes():
 def test_search_chunked_and_threaded_matches_brute_force(monkeypatch):
     # Tiny blocks force several database blocks, query chunks and two workers.
     monkeypatch.setattr(codes_module, "_DB_BLOCK", 700)
-    monkeypatch.setattr(index_module, "_DISTANCE_BLOCK_BYTES", 3 * 2000)
-    monkeypatch.setattr(index_module, "_MIN_PARALLEL_PAIRS", 0)
+    monkeypatch.setattr(search_module, "_DISTANCE_BLOCK_BYTES", 3 * 2000)
+    monkeypatch.setattr(search_module, "_MIN_PARALLEL_PAIRS", 0)
     db, queries = random_codes(2000, 20, seed=5), random_codes(33, 20, seed=6)
     index = HammingIndex(db, backend="numpy", workers=2)
     ref_distances, ref_positions = brute_force(db, queries)

@@ -1,4 +1,4 @@
-"""Tests for tbhvae.kmh (k-means hashing) and tbhvae.dgh (discrete graph hashing)."""
+"""Tests for tbhvae.baselines.kmh (k-means hashing) and tbhvae.baselines.dgh (discrete graph hashing)."""
 import json
 import subprocess
 import sys
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from tbhvae.baselines import BASELINES
+from tbhvae.baselines.dgh import DGH, DGHR, _balanced_orthogonal
+from tbhvae.baselines.kmh import KMH, _Subspace
 from tbhvae.data.features import FeatureSet, save_features
-from tbhvae.dgh import DGH, DGHR, _balanced_orthogonal
 from tbhvae.evaluation import mean_average_precision
-from tbhvae.kmh import KMH, _Subspace
 
 
 def clustered_features(num_rows: int, dim: int, classes: int, seed: int = 0, spread: float = 3.0):
@@ -240,7 +240,7 @@ def test_registered_names_build_the_classes():
     assert type(BASELINES["dgh_r"](8)) is DGHR and BASELINES["dgh_r"](8).init == "rotation"
 
 
-@pytest.mark.parametrize("module", ["tbhvae.kmh", "tbhvae.dgh", "tbhvae.baselines"])
+@pytest.mark.parametrize("module", ["tbhvae.baselines.kmh", "tbhvae.baselines.dgh", "tbhvae.baselines"])
 def test_modules_import_first_without_a_cycle(module):
     code = f"import {module}; from tbhvae.baselines import BASELINES; print(type(BASELINES['dgh_r'](4)).__name__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -253,7 +253,7 @@ def test_cli_runs_kmh_and_dgh(tmp_path):
     path = tmp_path / "tiny.npz"
     save_features(path, FeatureSet(features[:400], labels[:400], features[400:], labels[400:]))
     out = tmp_path / "kmh_dgh.json"
-    result = subprocess.run([sys.executable, "-m", "tbhvae.baselines", "--features", str(path), "--bits", "8",
+    result = subprocess.run([sys.executable, "-m", "tbhvae.cli.baselines", "--features", str(path), "--bits", "8",
                              "--methods", "kmh,dgh,dgh_r", "--json", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

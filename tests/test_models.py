@@ -2,15 +2,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tbhvae.bottlenecks import GecoGaussian
 from tbhvae.config import Config
-from tbhvae.models import Geco, TwinBottleneckHashing
+from tbhvae.models import TwinBottleneckHashing
 
 
 def make_geco(input_dim=200, **overrides):
     settings = dict(continuous_bottleneck="geco_vae", binary_bottleneck="betatcvae", geco_kappa=0.1,
                     geco_warmup=0, geco_calibration_steps=0, geco_alpha=0.5, geco_rate=0.01)
     config = Config(**{**settings, **overrides})
-    return Geco(config.validate(), input_dim)
+    return GecoGaussian(config.validate(), input_dim)
 
 
 def test_geco_starts_at_the_gaussian_likelihood_weight():
@@ -61,7 +62,7 @@ def test_geco_bounds_its_steps_and_its_range():
 def test_geco_waits_for_warmup_and_calibrates_kappa():
     config = Config(continuous_bottleneck="geco_vae", geco_kappa=0.0, geco_calibration_steps=4,
                     geco_warmup=6, geco_kappa_factor=0.5, geco_rate=0.01).validate()
-    geco = Geco(config, 300)
+    geco = GecoGaussian(config, 300)
     initial = float(geco.log_lambda.numpy())
     mses = [0.4, 0.3, 0.2, 0.1, 0.1, 0.1]
     for step, mse in enumerate(mses):
@@ -81,8 +82,8 @@ def test_no_gradient_flows_into_the_multiplier():
     features = tf.random.stateless_uniform([16, 12], seed=[1, 2])
     with tf.GradientTape() as tape:
         out = model.forward(features, tf.constant([3, 4]), training=True)
-        actor_mean, actor_sum, _, terms = model.loss_terms(out, None)
-        loss = actor_mean + actor_sum
+        losses = model.loss_terms(out)
+        terms, loss = losses.logged, losses.actor + losses.actor_sum
     geco_vars = [v.value for v in model.geco.weights]
     grads = tape.gradient(loss, geco_vars + [v.value for v in model.trainable_variables])
     assert all(g is None for g in grads[:len(geco_vars)])
@@ -103,8 +104,8 @@ def test_every_combination_builds_and_has_its_terms(binary, continuous, threshol
     out = model.forward(tf.random.stateless_uniform([12, 10], seed=[0, 1]), tf.constant([0, 1]), training=True)
     assert out.codes.shape == (12, 6) and out.z_graph.shape == (12, 8) and out.reconstruction.shape == (12, 10)
     assert set(np.unique(out.codes.numpy())) <= {0.0, 1.0}
-    critic_inputs = (tf.zeros([12, 6]), tf.zeros([12, 8]))
-    _, _, critic, terms = model.loss_terms(out, critic_inputs)
+    priors = {"binary": tf.zeros([12, 6]), "continuous": tf.zeros([12, 8])}
+    terms = model.loss_terms(out, priors).logged
     assert ("adversarial_binary" in terms) == (binary == "adversarial")
     assert ("total_correlation" in terms) == (binary == "betatcvae")
     assert ("continuous_kl" in terms) == (continuous == "geco_vae")
@@ -129,7 +130,7 @@ def test_the_tc_floor_uses_the_support_of_the_estimated_aggregate_posterior(esti
     model = TwinBottleneckHashing(_vae_config(tc_estimator=estimator), input_dim=12, dataset_size=100)
     model.build_all()
     out = model.forward(tf.random.stateless_uniform([16, 12], seed=[5, 6]), tf.constant([1, 2]), training=True)
-    model.loss_terms(out, None)
+    model.loss_terms(out)
     assert calls == [(8, 100 if estimator == "mss" else 16)]
 
 
@@ -146,7 +147,8 @@ def test_actor_loss_composition_is_pinned():
     model.build_all()
     model.geco.constraint_average.assign(0.37)
     out = model.forward(tf.random.stateless_uniform([16, 12], seed=[5, 6]), tf.constant([1, 2]), training=True)
-    actor, actor_sum, critic, terms = model.loss_terms(out, None)
+    losses = model.loss_terms(out)
+    actor, actor_sum, critic, terms = losses.actor, losses.actor_sum, losses.critic, losses.logged
     floor = max(0.0, 8 * np.log(2) - np.log(100))
     binary = 1.5 * (0.3 * terms["mutual_information"] + 2.0 * max(0.0, float(terms["total_correlation"]) - floor)
                     + 0.7 * terms["dimensionwise_kl"])
@@ -159,7 +161,8 @@ def test_actor_loss_composition_is_pinned():
                                        reconstruction_weight=2.0).validate(), input_dim=12, dataset_size=100)
     tbh.build_all()
     out = tbh.forward(tf.random.stateless_uniform([16, 12], seed=[5, 6]), tf.constant([1, 2]), training=True)
-    actor, actor_sum, critic, terms = tbh.loss_terms(out, (tf.ones([16, 8]), tf.ones([16, 8]) * 0.5))
+    losses = tbh.loss_terms(out, {"binary": tf.ones([16, 8]), "continuous": tf.ones([16, 8]) * 0.5})
+    actor, actor_sum, critic, terms = losses.actor, losses.actor_sum, losses.critic, losses.logged
     adversarial = terms["adversarial_binary"] + terms["adversarial_continuous"]
     assert float(actor) == pytest.approx(-0.5 * float(adversarial), rel=1e-5)
     assert float(actor_sum) == pytest.approx(2.0 * float(terms["reconstruction"]), rel=1e-6)
@@ -174,12 +177,12 @@ def test_similarity_target_is_centred_and_sees_neighbourhoods():
     config = _vae_config(similarity_weight=1.0, similarity_target="anchor", anchors=20, batch_size=64)
     model = TwinBottleneckHashing(config, input_dim=12, dataset_size=400)
     model.adapt(features)
-    graph = model.anchor_graph.similarity(tf.constant(features)).numpy()
+    graph = model.similarity.anchor_graph.similarity(tf.constant(features)).numpy()
     assert graph.min() >= 0.0 and graph.max() <= 1.0 + 1e-5
     np.testing.assert_allclose(np.diag(graph), 1.0, rtol=1e-4)
     same = labels[:, None] == labels[None, :]
     assert graph[same].mean() > 0.2 > 0.02 > graph[~same].mean()
-    target = model.similarity_target(tf.constant(features[::5])).numpy()
+    target = model.similarity.target(tf.constant(features[::5])).numpy()
     off = ~np.eye(len(target), dtype=bool)
     assert abs(target[off].mean()) < 1e-5
     same = same[::5, ::5]

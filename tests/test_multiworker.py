@@ -23,11 +23,11 @@ import numpy as np
 import tensorflow as tf
 
 from conftest import REPO_ROOT
+from tbhvae import config as config_lib
+from tbhvae.data import save_features
+from tbhvae.models import TwinBottleneckHashing
 from test_reliability import first_logged_step_per_session
 from test_training import synthetic_features
-from tbhvae import config as config_lib
-from tbhvae import training
-from tbhvae.data import save_features
 
 STEPS = 40
 SETTINGS = dict(hidden_dim=32, continuous_dim=16, bits=8, batch_size=64, log_every=10, checkpoint_every=10,
@@ -44,12 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tbhvae import training
 from tbhvae.cli import train as cli
+from tbhvae.train import loop
 
 weights_path = sys.argv.pop(1)
-evaluate = training.final_evaluation
-fit = training._fit_and_evaluate
+evaluate = loop.final_evaluation
+fit = loop._fit_and_evaluate
 
 
 def save_weights_then_evaluate(model, *args, **kwargs):
@@ -65,8 +65,8 @@ def record_start_then_fit(*args, **kwargs):
     return fit(*args, **kwargs)
 
 
-training.final_evaluation = save_weights_then_evaluate
-training._fit_and_evaluate = record_start_then_fit
+loop.final_evaluation = save_weights_then_evaluate
+loop._fit_and_evaluate = record_start_then_fit
 cli.run()
 '''
 
@@ -181,7 +181,7 @@ def restore_final_checkpoint(model_dir):
     """A model holding the latest checkpoint of `model_dir`."""
     config = config_lib.from_dict(json.loads((model_dir / "config.json").read_text()), "config.json")
     data = json.loads((model_dir / "data.json").read_text())
-    model = training.TwinBottleneckHashing(config, data["input_dim"], data["dataset_size"])
+    model = TwinBottleneckHashing(config, data["input_dim"], data["dataset_size"])
     actor = keras.optimizers.Adam(config.learning_rate)
     model.compile(actor_optimizer=actor, critic_optimizer=None, optimizer=actor)
     model.build_all()

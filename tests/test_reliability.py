@@ -19,10 +19,12 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, two_cpu_replicas
-from test_training import synthetic_features
-from tbhvae import training
+from tbhvae import train
 from tbhvae.config import Config, ConfigError
 from tbhvae.data import DataError, FeatureSet, load_features, save_features
+from tbhvae.models import TwinBottleneckHashing
+from tbhvae.train import monitor as monitor_lib
+from test_training import synthetic_features
 
 STEPS = 400
 TINY = dict(hidden_dim=32, continuous_dim=16, bits=8, batch_size=64, log_every=50, checkpoint_every=50,
@@ -142,7 +144,7 @@ def reference(tmp_path_factory, feature_file):
 
 def _train_small(model_dir, features, steps, **changes):
     config = Config(name="t", steps=steps, **{**SMALL, **changes})
-    return training.train(config, model_dir, strategy=tf.distribute.get_strategy(), feature_set=features)
+    return train.train(config, model_dir, strategy=tf.distribute.get_strategy(), feature_set=features)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, f
     latest = tf.train.latest_checkpoint(str(model_dir / "checkpoints"))
     names = {name for name, _ in tf.train.list_variables(latest)}
     for variable in GECO_STATE:  # GECO lives in the model, so in the checkpoint
-        assert f"model/geco/{variable}/.ATTRIBUTES/VARIABLE_VALUE" in names
+        assert f"model/continuous_bottleneck/{variable}/.ATTRIBUTES/VARIABLE_VALUE" in names
     plant_leftovers_of_a_killed_save(model_dir / "checkpoints", resumed_from + TINY["checkpoint_every"])
 
     result = run_cli(command)
@@ -222,7 +224,7 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
     metrics_before = (tmp_path / "metrics.json").read_text()
     exploding = FeatureSet(features.train_features * 1e20, features.train_labels,
                            features.test_features, features.test_labels)  # finite input, infinite MSE
-    with pytest.raises(training.TrainingError,
+    with pytest.raises(train.TrainingError,
                        match=r"non-finite loss term\(s\) .*mse.* at steps 11-15; .*ckpt-10\) was kept"):
         _train_small(tmp_path, exploding, steps=20)
     assert checkpoint_step(tmp_path) == 10
@@ -234,19 +236,19 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(
 def test_weights_with_nan_are_never_checkpointed(tmp_path):
     features = synthetic_features()
     config = Config(name="t", steps=10, **SMALL)
-    model = training.TwinBottleneckHashing(config, features.dim, len(features.train_features))
+    model = TwinBottleneckHashing(config, features.dim, len(features.train_features))
     actor = keras.optimizers.Adam()
     model.compile(actor_optimizer=actor, critic_optimizer=keras.optimizers.Adam(), optimizer=actor)
     model.build_all()
     manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, actor_optimizer=actor),
                                          str(tmp_path), max_to_keep=2)
-    monitor = training.TrainingMonitor(config, features, manager, tf.summary.create_noop_writer(), 1, True,
+    monitor = monitor_lib.TrainingMonitor(config, features, manager, tf.summary.create_noop_writer(), 1, True,
                                        tf.distribute.get_strategy(), tf.Variable("{}"))
     monitor.set_model(model)
     monitor.save(1)
     assert manager.latest_checkpoint.endswith("ckpt-1")
-    model.decoder_hidden.kernel.assign(np.full(model.decoder_hidden.kernel.shape, np.nan, np.float32))
-    with pytest.raises(training.TrainingError, match=r"decoder_hidden/kernel at step 2; checkpoint not written"):
+    model.decoder.hidden.kernel.assign(np.full(model.decoder.hidden.kernel.shape, np.nan, np.float32))
+    with pytest.raises(train.TrainingError, match=r"decoder_hidden/kernel at step 2; checkpoint not written"):
         monitor.save(2)
     assert manager.latest_checkpoint.endswith("ckpt-1")
     assert not list(tmp_path.glob("ckpt-2*"))
@@ -263,7 +265,7 @@ def test_unusable_checkpoint_is_a_clear_error_and_left_alone(tmp_path, ten_step_
         (run_dir / "data.json").unlink()
         features = synthetic_features(dim=20)
     before = snapshot(run_dir)
-    with pytest.raises(training.TrainingError, match=r"cannot restore checkpoint .*ckpt-10 .*pass --fresh"):
+    with pytest.raises(train.TrainingError, match=r"cannot restore checkpoint .*ckpt-10 .*pass --fresh"):
         _train_small(run_dir, features, steps=20)
     assert snapshot(run_dir) == before
 
@@ -281,9 +283,9 @@ def test_incompatible_runs_leave_the_directory_untouched_unless_fresh(tmp_path, 
         _train_small(tmp_path, synthetic_features(n=40), steps=10)
     with pytest.raises(ConfigError, match=r"batch_size 63 is not divisible by the 2 replicas"):
         config = Config(name="t", steps=10, **{**SMALL, "batch_size": 63})
-        training.train(config, tmp_path, strategy=two_cpu_replicas(), feature_set=features)
+        train.train(config, tmp_path, strategy=two_cpu_replicas(), feature_set=features)
     assert snapshot(tmp_path) == before
-    fresh = training.train(Config(name="t", steps=5, **{**SMALL, "bits": 16, "checkpoint_every": 5}),
+    fresh = train.train(Config(name="t", steps=5, **{**SMALL, "bits": 16, "checkpoint_every": 5}),
                            tmp_path, strategy=tf.distribute.get_strategy(), fresh=True, feature_set=features)
     assert fresh["bits"] == 16 and fresh["steps"] == 5
     assert json.loads((tmp_path / "config.json").read_text())["bits"] == 16

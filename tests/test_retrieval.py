@@ -10,7 +10,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO_ROOT
-from tbhvae import retrieval, serving, training
+from tbhvae import encoders, export, protocol, retrieval, train
 from tbhvae.config import Config
 from tbhvae.data import FeatureSet, save_features
 from tbhvae.index import HammingIndex
@@ -49,9 +49,9 @@ def data(tmp_path_factory):
     config = Config(name="r", features=str(features_path), bits=16, hidden_dim=32, continuous_dim=16,
                     batch_size=64, steps=30, log_every=10, checkpoint_every=10, eval_every=0, eval_queries=20,
                     jit_compile=False, steps_per_execution=10, learning_rate=1e-3, reconstruction="mean")
-    training.train(config, folder / "run", strategy=tf.distribute.get_strategy(), feature_set=feature_set)
-    run = serving.load_run(folder / "run")
-    serving.export_saved_model(run, folder / "exported", "tbh")
+    train.train(config, folder / "run", strategy=tf.distribute.get_strategy(), feature_set=feature_set)
+    run = export.load_run(folder / "run")
+    export.export_saved_model(run, folder / "exported", "tbh")
     return dict(folder=folder, run=run, features=str(features_path), images=str(images_path),
                 saved_model=str(folder / "exported" / "tbh"), feature_set=feature_set)
 
@@ -78,18 +78,18 @@ def test_figure_geometry_and_frame_colours():
 
 
 def test_relevance_single_and_multi_label():
-    np.testing.assert_array_equal(retrieval.relevant(np.array([1, 2]), np.array([[1, 0], [2, 2]])),
+    np.testing.assert_array_equal(protocol.relevant(np.array([1, 2]), np.array([[1, 0], [2, 2]])),
                                   [[True, False], [True, True]])
     query = np.array([[1, 0, 1]], np.uint8)
     results = np.array([[[0, 1, 0], [0, 0, 1]]], np.uint8)
-    np.testing.assert_array_equal(retrieval.relevant(query, results), [[False, True]])
+    np.testing.assert_array_equal(protocol.relevant(query, results), [[False, True]])
 
 
 def test_build_query_and_figure(data, tmp_path):
     index_path = tmp_path / "index.npz"
     retrieval.build(data["saved_model"], data["features"], None, str(index_path))
     index = HammingIndex.load(index_path)
-    reference = serving.KerasEncoder(data["run"])
+    reference = encoders.KerasEncoder(data["run"])
     db_codes = reference.encode(data["feature_set"].train_features)["bits"]
     np.testing.assert_array_equal(index.codes, db_codes)
     np.testing.assert_array_equal(index.labels, data["feature_set"].train_labels)
@@ -139,11 +139,11 @@ def test_command_line_build_and_query(data, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     index_path, figure = tmp_path / "index.npz", tmp_path / "examples.png"
     common = ["--encoder", str(data["folder"] / "run"), "--features", data["features"], "--index", str(index_path)]
-    build = subprocess.run([sys.executable, "-m", "tbhvae.retrieval", "build", *common], cwd=REPO_ROOT,
+    build = subprocess.run([sys.executable, "-m", "tbhvae.cli.retrieval", "build", *common], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=120, env=env)
     assert build.returncode == 0, build.stderr[-2000:]
     assert len(HammingIndex.load(index_path)) == 256
-    query = subprocess.run([sys.executable, "-m", "tbhvae.retrieval", "query", *common, "--k", "10",
+    query = subprocess.run([sys.executable, "-m", "tbhvae.cli.retrieval", "query", *common, "--k", "10",
                             "--images", data["images"], "--figure", str(figure), "--figure_rows", "4"],
                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=env)
     assert query.returncode == 0, query.stderr[-2000:]
@@ -155,8 +155,9 @@ def test_command_line_build_and_query(data, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--queries=-3", "--k=0", "--show=-1", "--figure_rows=0"])
 def test_command_line_refuses_out_of_range_counts(data, tmp_path, flag):
-    result = subprocess.run([sys.executable, "-m", "tbhvae.retrieval", "query", "--encoder", str(data["folder"] / "run"),
-                             "--features", data["features"], "--index", str(tmp_path / "index.npz"), flag],
+    result = subprocess.run([sys.executable, "-m", "tbhvae.cli.retrieval", "query",
+                             "--encoder", str(data["folder"] / "run"), "--features", data["features"],
+                             "--index", str(tmp_path / "index.npz"), flag],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert flag.split("=")[0] in result.stderr and "nan" not in result.stdout

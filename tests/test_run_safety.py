@@ -14,18 +14,26 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT
-from test_reliability import (SMALL, error_line, first_logged_step_per_session, plant_leftovers_of_a_killed_save,
-                              run_cli, snapshot, train_command)
-from test_training import synthetic_features
-from tbhvae import training
+from tbhvae import train
 from tbhvae.config import Config, ConfigError, load_config
 from tbhvae.data import save_features
+from tbhvae.train import rundir
+from test_reliability import (
+    SMALL,
+    error_line,
+    first_logged_step_per_session,
+    plant_leftovers_of_a_killed_save,
+    run_cli,
+    snapshot,
+    train_command,
+)
+from test_training import synthetic_features
 
 
 def _train(model_dir, steps, fresh=False, **changes):
     """A TBH run with tiny dimensions on synthetic_features(), in this process."""
     config = Config(name="t", steps=steps, **{**SMALL, **changes})
-    return training.train(config, model_dir, strategy=tf.distribute.get_strategy(), fresh=fresh,
+    return train.train(config, model_dir, strategy=tf.distribute.get_strategy(), fresh=fresh,
                           feature_set=synthetic_features())
 
 
@@ -58,7 +66,7 @@ def test_fresh_never_deletes_through_a_symlinked_logs_directory(run_copy, tmp_pa
     (elsewhere / "precious.txt").write_text("not tbhvae's")
     (run_copy / "logs").symlink_to(elsewhere, target_is_directory=True)
     target_before, run_before = _contents(elsewhere), snapshot(run_copy)
-    with pytest.raises(training.TrainingError, match=r"logs is a symbolic link .*nothing deleted"):
+    with pytest.raises(train.TrainingError, match=r"logs is a symbolic link .*nothing deleted"):
         _train(run_copy, steps=10, fresh=True, bits=16)
     assert _contents(elsewhere) == target_before
     assert snapshot(run_copy) == run_before and (run_copy / "logs").is_symlink()
@@ -96,27 +104,27 @@ def test_fresh_removes_only_the_runs_own_files(run_copy):
     assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == [
         "checkpoint", "ckpt-10.data-00000-of-00001", "ckpt-10.index", "other.h5"]
     assert json.loads((run_copy / "config.json").read_text())["bits"] == 16
-    assert (run_copy / training.MARKER).is_file() and not (run_copy / training.LOCK_FILE).exists()
+    assert (run_copy / rundir.MARKER).is_file() and not (run_copy / rundir.LOCK_FILE).exists()
 
 
 @pytest.mark.parametrize("directory", ["run_without_marker", "empty", "missing"])
 def test_fresh_accepts_runs_older_than_the_marker_and_new_directories(run_copy, tmp_path, directory):
     if directory == "run_without_marker":  # written before the marker existed: recognised by its own files
-        (run_copy / training.MARKER).unlink()
+        (run_copy / rundir.MARKER).unlink()
         target = run_copy
     else:
         target = tmp_path / "new"
         if directory == "empty":
             target.mkdir()
     metrics = _train(target, steps=5, fresh=True, checkpoint_every=5)
-    assert metrics["steps"] == 5 and (target / training.MARKER).is_file()
+    assert metrics["steps"] == 5 and (target / rundir.MARKER).is_file()
     assert tf.train.latest_checkpoint(str(target / "checkpoints")).endswith("ckpt-5")
 
 
 # ------------------------------------------------------------------ the lock
 HOLDER = """
 import sys, time
-from tbhvae.training import RunDirectory
+from tbhvae.train.rundir import RunDirectory
 with RunDirectory(sys.argv[1]).lock():
     print("locked", flush=True)
     time.sleep(600)
@@ -138,18 +146,18 @@ def test_second_trainer_is_refused_naming_the_holder_and_a_kill_releases_the_loc
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
-    assert (model_dir / training.LOCK_FILE).exists()  # a SIGKILL leaves the file, but not the lock
+    assert (model_dir / rundir.LOCK_FILE).exists()  # a SIGKILL leaves the file, but not the lock
     metrics = _train(model_dir, steps=5, checkpoint_every=5)
-    assert metrics["steps"] == 5 and not (model_dir / training.LOCK_FILE).exists()
+    assert metrics["steps"] == 5 and not (model_dir / rundir.LOCK_FILE).exists()
 
 
 def test_only_the_chief_takes_the_lock(run_copy, monkeypatch):
-    with training.RunDirectory(run_copy).lock():  # as if the chief were running
-        with pytest.raises(training.RunDirError, match=rf"in use by another trainer \(pid {os.getpid()} on "):
+    with rundir.RunDirectory(run_copy).lock():  # as if the chief were running
+        with pytest.raises(rundir.RunDirError, match=rf"in use by another trainer \(pid {os.getpid()} on "):
             _train(run_copy, steps=20)
         monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:2"]},
                                                     "task": {"type": "worker", "index": 1}}))
-        assert not training.is_chief()
+        assert not train.is_chief()
         before = snapshot(run_copy)
         assert _train(run_copy, steps=20)["steps"] == 20
         assert snapshot(run_copy) == before
@@ -176,7 +184,7 @@ def test_index_with_no_intact_checkpoint_left_stops_instead_of_restarting(run_co
     for path in (run_copy / "checkpoints").glob("ckpt-*"):
         path.unlink()
     before = snapshot(run_copy)
-    with pytest.raises(training.TrainingError, match=r"no intact checkpoint is left .*pass --fresh"):
+    with pytest.raises(train.TrainingError, match=r"no intact checkpoint is left .*pass --fresh"):
         _train(run_copy, steps=20)
     assert snapshot(run_copy) == before
 
@@ -263,6 +271,7 @@ def test_rerunning_a_finished_run_changes_nothing_unless_asked(tmp_path):
 
 def test_train_help_lists_every_flag_and_config_key_and_print_config_resolves():
     import dataclasses
+
     from tbhvae.config import Config
     help_text = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--help"], cwd=REPO_ROOT,
                                capture_output=True, text=True, timeout=120).stdout
@@ -282,6 +291,7 @@ def test_train_help_lists_every_flag_and_config_key_and_print_config_resolves():
 
 def test_offline_download_fails_fast_and_every_suggested_flag_parses(tmp_path, monkeypatch):
     import time as time_module
+
     from tbhvae.data import DataError, images
     monkeypatch.setattr(images, "DOWNLOAD_HOST", ("127.0.0.1", 9))  # nothing listens on the discard port
     started = time_module.monotonic()

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import rest_emulator
 from conftest import REPO_ROOT
-from tbhvae import serving, training
+from tbhvae import encoders, export, train
 from tbhvae.config import Config
 from tbhvae.data import FeatureSet, save_features
 
@@ -29,8 +30,8 @@ def train_tiny(tmp_path_factory, feature_set: FeatureSet, name: str, **changes):
     folder = tmp_path_factory.mktemp(name)
     features = save_features(folder / "features.npz", feature_set)
     config = Config(name=name, features=str(features), **{**TINY, **changes})
-    training.train(config, folder / "run", strategy=tf.distribute.get_strategy(), feature_set=feature_set)
-    return serving.load_run(folder / "run")
+    train.train(config, folder / "run", strategy=tf.distribute.get_strategy(), feature_set=feature_set)
+    return export.load_run(folder / "run")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def synthetic_run(tmp_path_factory):
 def exported(synthetic_run, tmp_path_factory):
     """(run, SavedModel version directory) of the synthetic run, features only."""
     base = tmp_path_factory.mktemp("exported")
-    return synthetic_run, serving.export_saved_model(synthetic_run, base, "tbh")
+    return synthetic_run, export.export_saved_model(synthetic_run, base, "tbh")
 
 
 def test_round_trip_gives_the_models_codes(exported):
@@ -72,17 +73,17 @@ def test_round_trip_gives_the_models_codes(exported):
 @pytest.mark.parametrize("bits", [1, 7, 8, 13, 64])
 def test_pack_bits_matches_numpy(bits):
     codes = np.random.default_rng(bits).integers(0, 2, (5, bits), dtype=np.uint8)
-    np.testing.assert_array_equal(serving.pack_bits(tf.constant(codes)).numpy(), np.packbits(codes, axis=1))
+    np.testing.assert_array_equal(export.pack_bits(tf.constant(codes)).numpy(), np.packbits(codes, axis=1))
 
 
 def test_second_export_is_a_new_version(synthetic_run, tmp_path):
-    first = serving.export_saved_model(synthetic_run, tmp_path, "model")
+    first = export.export_saved_model(synthetic_run, tmp_path, "model")
     (tmp_path / "model" / "notes").mkdir()  # non-integer entries are not versions
-    second = serving.export_saved_model(synthetic_run, tmp_path, "model")
+    second = export.export_saved_model(synthetic_run, tmp_path, "model")
     assert (first.name, second.name) == ("1", "2")
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["1", "2", "notes"]
-    assert serving.resolve_saved_model(tmp_path / "model") == second
-    metadata = json.loads((second / serving.METADATA_FILE).read_text())
+    assert export.resolve_saved_model(tmp_path / "model") == second
+    metadata = json.loads((second / export.METADATA_FILE).read_text())
     assert metadata["bits"] == 12 and metadata["checkpoint"] == synthetic_run.checkpoint
 
 
@@ -102,16 +103,16 @@ def test_signature_rejects_bad_input(exported, shape, dtype, message):
 def test_export_from_empty_or_foreign_directory_fails(tmp_path, synthetic_run):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(serving.ExportError, match="no config.json"):
-        serving.load_run(empty)
+    with pytest.raises(export.ExportError, match="no config.json"):
+        export.load_run(empty)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     shutil.copy(synthetic_run.path / "config.json", foreign)
     shutil.copy(synthetic_run.path / "data.json", foreign)
-    with pytest.raises(serving.ExportError, match="no checkpoint"):
-        serving.load_run(foreign)
-    with pytest.raises(serving.ExportError, match="no such directory"):
-        serving.load_run(tmp_path / "absent")
+    with pytest.raises(export.ExportError, match="no checkpoint"):
+        export.load_run(foreign)
+    with pytest.raises(export.ExportError, match="no such directory"):
+        export.load_run(tmp_path / "absent")
     result = subprocess.run([sys.executable, "export.py", "--model_dir", str(empty), "--out", str(tmp_path / "out"),
                              "--name", "x"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -127,8 +128,8 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path, synthetic_run)
     config = json.loads((other / "config.json").read_text())
     config["hidden_dim"] = 48
     (other / "config.json").write_text(json.dumps(config))
-    with pytest.raises(serving.ExportError, match="does not match"):
-        serving.load_run(other)
+    with pytest.raises(export.ExportError, match="does not match"):
+        export.load_run(other)
 
 
 def test_cli_writes_saved_model_tflite_and_parity_report(synthetic_run, tmp_path):
@@ -140,12 +141,12 @@ def test_cli_writes_saved_model_tflite_and_parity_report(synthetic_run, tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "base" / "tbh" / "1" / "saved_model.pb").is_file()
     report = json.loads((tmp_path / "lite" / "1" / "parity.json").read_text())
-    assert report["examples"] == 64 and set(report["rows"]) == {"keras", "saved_model", *serving.TFLITE_VARIANTS}
+    assert report["examples"] == 64 and set(report["rows"]) == {"keras", "saved_model", *export.TFLITE_VARIANTS}
     assert report["rows"]["saved_model"]["bit_agreement"] == 1.0
     assert report["rows"]["float32"]["bit_agreement"] == 1.0
     assert "| int8 |" in result.stdout
-    for variant in serving.TFLITE_VARIANTS:
-        encoder = serving.LiteEncoder(tmp_path / "lite" / "1" / f"{variant}.tflite")
+    for variant in export.TFLITE_VARIANTS:
+        encoder = encoders.LiteEncoder(tmp_path / "lite" / "1" / f"{variant}.tflite")
         details = encoder.runner.get_output_details()
         assert set(details) == {"bits", "packed", "probs"}
         assert list(encoder.runner.get_input_details()) == ["features"]
@@ -154,8 +155,8 @@ def test_cli_writes_saved_model_tflite_and_parity_report(synthetic_run, tmp_path
 
 def test_lite_encoder_rejects_wrong_feature_size(exported, tmp_path):
     path = tmp_path / "float32.tflite"
-    path.write_bytes(serving.convert_tflite(exported[1], "float32"))
-    encoder = serving.LiteEncoder(path)
+    path.write_bytes(export.convert_tflite(exported[1], "float32"))
+    encoder = encoders.LiteEncoder(path)
     with pytest.raises(ValueError, match=rf"expected a float array \[batch, {DIM}\]"):
         encoder.encode(np.zeros((2, DIM + 1), np.float32))
     with pytest.raises(ValueError, match="expected a float array"):
@@ -171,15 +172,15 @@ def cifar_run(tmp_path_factory, cifar_features):
 
 
 def test_tflite_parity_on_real_cifar_features(cifar_run, cifar_features, tmp_path):
-    path = serving.export_saved_model(cifar_run, tmp_path, "tbh")
-    representative = serving.representative_rows(cifar_features.train_features, 300)
-    files = serving.write_tflite_variants(path, tmp_path / "lite", representative)
-    reference = serving.KerasEncoder(cifar_run)
+    path = export.export_saved_model(cifar_run, tmp_path, "tbh")
+    representative = export.representative_rows(cifar_features.train_features, 300)
+    files = export.write_tflite_variants(path, tmp_path / "lite", representative)
+    reference = encoders.KerasEncoder(cifar_run)
     expected = reference.encode(cifar_features.test_features)
     assert 0.2 < expected["bits"].mean() < 0.8
     agreement = {}
     for variant, file in files.items():
-        outputs = serving.LiteEncoder(file).encode(cifar_features.test_features, batch_size=128)
+        outputs = encoders.LiteEncoder(file).encode(cifar_features.test_features, batch_size=128)
         agreement[variant] = (outputs["bits"] == expected["bits"]).mean()
         np.testing.assert_array_equal(outputs["packed"], np.packbits(outputs["bits"], axis=1))
         if variant == "float32":
@@ -188,8 +189,8 @@ def test_tflite_parity_on_real_cifar_features(cifar_run, cifar_features, tmp_pat
     assert agreement["int8"] >= 0.98, agreement
     assert agreement["float16"] >= 0.995 and agreement["dynamic"] >= 0.98, agreement
     assert files["int8"].stat().st_size < files["float32"].stat().st_size / 3
-    report = serving.parity_report(reference, {"int8": serving.LiteEncoder(files["int8"])},
-                                   cifar_features.test_features, files, latency_repeats=3)
+    report = export.parity_report(reference, {"int8": encoders.LiteEncoder(files["int8"])},
+                                  cifar_features.test_features, files, latency_repeats=3)
     assert report["rows"]["int8"]["bit_agreement"] == pytest.approx(agreement["int8"])
     assert report["rows"]["keras"]["bit_agreement"] == 1.0
     assert report["rows"]["int8"]["latency_ms"] > 0
@@ -197,12 +198,12 @@ def test_tflite_parity_on_real_cifar_features(cifar_run, cifar_features, tmp_pat
 
 # ------------------------------------------------------------------ image signatures
 def test_image_signatures_run_the_backbone(synthetic_run, tmp_path):
-    assert serving.run_backbone(synthetic_run) is None  # trained on a feature file: features only
+    assert export.run_backbone(synthetic_run) is None  # trained on a feature file: features only
     own_features = dataclasses.replace(synthetic_run, config=synthetic_run.config.replace(
         features="", backbone="mobilenet_v2", backbone_weights="none"))
-    backbone = serving.run_backbone(own_features, input_size=32)
+    backbone = export.run_backbone(own_features, input_size=32)
     assert backbone.name == "mobilenet_v2" and backbone.input_size == 32
-    path = serving.export_saved_model(synthetic_run, tmp_path, "img", backbone, serving_default="images")
+    path = export.export_saved_model(synthetic_run, tmp_path, "img", backbone, serving_default="images")
     loaded = tf.saved_model.load(str(path))
     assert {"serving_default", "encode_features", "encode_images", "encode_jpeg"} <= set(loaded.signatures)
     images = tf.constant(np.random.default_rng(0).integers(0, 256, (3, 40, 52, 3), dtype=np.uint8))
@@ -216,20 +217,20 @@ def test_image_signatures_run_the_backbone(synthetic_run, tmp_path):
     by_jpeg = loaded.signatures["encode_jpeg"](encoded_jpeg=tf.constant(jpegs))
     decoded = loaded.signatures["encode_images"](images=tf.stack([tf.io.decode_jpeg(j) for j in jpegs[:3]]))
     np.testing.assert_array_equal(by_jpeg["bits"].numpy()[:3], decoded["bits"].numpy())
-    batched = serving.SavedModelEncoder(path).encode_jpeg(jpegs, batch_size=3)  # as tbhvae.retrieval does
+    batched = encoders.SavedModelEncoder(path).encode_jpeg(jpegs, batch_size=3)  # as tbhvae.retrieval does
     np.testing.assert_array_equal(batched["bits"], by_jpeg["bits"].numpy())
     with pytest.raises(tf.errors.InvalidArgumentError, match="not compatible with expected shape"):
         loaded.signatures["encode_images"](images=tf.zeros([2, 8, 8, 4], tf.uint8))
-    answer = serving.rest_predict(loaded, {"signature_name": "encode_jpeg", "instances": [
+    answer = rest_emulator.rest_predict(loaded, {"signature_name": "encode_jpeg", "instances": [
         {"b64": base64.b64encode(j).decode()} for j in jpegs]})
     assert [p["bits"] for p in answer["predictions"]] == by_jpeg["bits"].numpy().tolist()
 
 
 def test_backbone_of_the_wrong_size_is_rejected(synthetic_run):
-    with pytest.raises(serving.ExportError, match="2048-d features but the run was trained on 1280-d"):
-        serving.load_backbone("resnet50", "none", synthetic_run.input_dim, input_size=32)
-    with pytest.raises(serving.ExportError, match="needs a backbone"):
-        serving.export_saved_model(synthetic_run, "/nonexistent", "x", None, serving_default="images")
+    with pytest.raises(export.ExportError, match="2048-d features but the run was trained on 1280-d"):
+        export.load_backbone("resnet50", "none", synthetic_run.input_dim, input_size=32)
+    with pytest.raises(export.ExportError, match="needs a backbone"):
+        export.export_saved_model(synthetic_run, "/nonexistent", "x", None, serving_default="images")
 
 
 # ------------------------------------------------------------------ REST
@@ -239,19 +240,19 @@ def test_rest_row_and_columnar_formats(exported):
     features = np.load(run.config.features)["test_features"][:3]
     expected = {k: v.numpy() for k, v in loaded.signatures["serving_default"](features=tf.constant(features)).items()}
     body = json.dumps({"instances": features.tolist()})
-    answer = json.loads(json.dumps(serving.rest_predict(loaded, body)))
+    answer = json.loads(json.dumps(rest_emulator.rest_predict(loaded, body)))
     assert list(answer) == ["predictions"] and len(answer["predictions"]) == 3
     for i, prediction in enumerate(answer["predictions"]):
         assert sorted(prediction) == ["bits", "packed", "probs"]
         assert prediction["bits"] == expected["bits"][i].tolist()
         assert prediction["packed"] == expected["packed"][i].tolist()
         np.testing.assert_allclose(prediction["probs"], expected["probs"][i], rtol=1e-6)
-    named = serving.rest_predict(loaded, {"signature_name": "encode_features",
-                                          "instances": [{"features": row} for row in features.tolist()]})
+    named = rest_emulator.rest_predict(loaded, {"signature_name": "encode_features",
+                                                "instances": [{"features": row} for row in features.tolist()]})
     assert named == answer
-    columnar = serving.rest_predict(loaded, {"inputs": {"features": features.tolist()}})
+    columnar = rest_emulator.rest_predict(loaded, {"inputs": {"features": features.tolist()}})
     assert columnar["outputs"]["bits"] == expected["bits"].tolist()
-    assert serving.rest_predict(loaded, {"inputs": features.tolist()}) == columnar
+    assert rest_emulator.rest_predict(loaded, {"inputs": features.tolist()}) == columnar
 
 
 @pytest.mark.parametrize("body, message", [
@@ -271,15 +272,16 @@ def test_rest_row_and_columnar_formats(exported):
 ])
 def test_rest_rejects_bad_requests(exported, body, message):
     loaded = tf.saved_model.load(str(exported[1]))
-    with pytest.raises(serving.RestError, match=message):
-        serving.rest_predict(loaded, body)
+    with pytest.raises(rest_emulator.RestError, match=message):
+        rest_emulator.rest_predict(loaded, body)
 
 
 def test_rest_pixels_must_be_integers_in_range():
-    np.testing.assert_array_equal(serving._checked_numbers("images", np.array([0.0, 255.0]), tf.uint8), [0, 255])
+    checked = rest_emulator._checked_numbers("images", np.array([0.0, 255.0]), tf.uint8)
+    np.testing.assert_array_equal(checked, [0, 255])
     for bad in ([0.5], [256.0], [-1.0]):
-        with pytest.raises(serving.RestError, match=r"integers in \[0, 255\]"):
-            serving._checked_numbers("images", np.array(bad), tf.uint8)
+        with pytest.raises(rest_emulator.RestError, match=r"integers in \[0, 255\]"):
+            rest_emulator._checked_numbers("images", np.array(bad), tf.uint8)
 
 
 @pytest.mark.skipif(shutil.which("tensorflow_model_server") is None, reason="tensorflow_model_server not on PATH")
@@ -307,7 +309,7 @@ def test_tensorflow_serving_answers_like_the_helper(exported):
     finally:
         server.terminate()
         server.wait(timeout=30)
-    expected = serving.rest_predict(tf.saved_model.load(str(path)), body.decode())
+    expected = rest_emulator.rest_predict(tf.saved_model.load(str(path)), body.decode())
     for got, want in zip(answer["predictions"], expected["predictions"]):
         assert got["bits"] == want["bits"] and got["packed"] == want["packed"]
         np.testing.assert_allclose(got["probs"], want["probs"], rtol=1e-6)

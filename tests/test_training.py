@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tbhvae import training
+from tbhvae import train
 from tbhvae.config import Config, ConfigError
 from tbhvae.data import FeatureSet
-from tbhvae.models import encode_features
+from tbhvae.models import TwinBottleneckHashing, encode_features
+from tbhvae.train import distribute, loop, monitor
 
 SMALL = dict(bits=8, hidden_dim=32, continuous_dim=16, batch_size=64, log_every=5, checkpoint_every=10,
              eval_every=10, eval_queries=50, steps_per_execution=5, reconstruction="mean")
@@ -40,17 +41,17 @@ def test_two_replicas_stay_identical_and_learn(tmp_path, bottlenecks, jit):
                     continuous_bottleneck=bottlenecks[1], geco_calibration_steps=5, geco_warmup=10, **SMALL)
     strategy = two_replicas()
     captured = {}
-    original = training.final_evaluation
+    original = loop.final_evaluation
 
     def capture(model, *args, **kwargs):
         captured["model"] = model
         return original(model, *args, **kwargs)
 
-    training.final_evaluation = capture
+    loop.final_evaluation = capture
     try:
-        metrics = training.train(config, tmp_path, strategy=strategy, feature_set=features)
+        metrics = train.train(config, tmp_path, strategy=strategy, feature_set=features)
     finally:
-        training.final_evaluation = original
+        loop.final_evaluation = original
     model = captured["model"]
     assert metrics["steps"] == 30 and metrics["replicas"] == 2
     for variable in model.variables + model.actor_optimizer.variables:
@@ -89,6 +90,7 @@ def _sgd_step_updates(strategy, config, weights, halves, step_of_replica):
     schedule and GECO's multiplier stays put during its warm-up.
     """
     import keras
+
     from tbhvae.models import TwinBottleneckHashing
 
     with strategy.scope():
@@ -152,31 +154,31 @@ def test_a_two_replica_step_is_the_mean_of_the_per_replica_steps(case):
 def test_pipeline_at_a_start_step_continues_the_uninterrupted_one():
     features = np.repeat(np.arange(100, dtype=np.float32)[:, None], 3, axis=1)  # row i holds i
     steps_per_epoch = 100 // 32
-    straight = [b.numpy() for b in training.train_dataset(features, 32, seed=7).take(8)]
-    resumed = [b.numpy() for b in training.train_dataset(features, 32, seed=7, start_step=5).take(3)]
+    straight = [b.numpy() for b in loop.train_dataset(features, 32, seed=7).take(8)]
+    resumed = [b.numpy() for b in loop.train_dataset(features, 32, seed=7, start_step=5).take(3)]
     for step, batch in enumerate(resumed, start=5):
         np.testing.assert_array_equal(batch, straight[step], err_msg=f"step {step}")
     # each epoch is a permutation: no row twice within an epoch, a new order in the next one
     first_epoch = np.concatenate(straight[:steps_per_epoch])
     assert len(np.unique(first_epoch, axis=0)) == len(first_epoch)
     assert not np.array_equal(straight[0], straight[steps_per_epoch])
-    other_seed = next(iter(training.train_dataset(features, 32, seed=8))).numpy()
+    other_seed = next(iter(loop.train_dataset(features, 32, seed=8))).numpy()
     assert not np.array_equal(other_seed, straight[0])
 
 
 def test_loss_decreases_on_real_features(tmp_path, cifar_features):
     config = Config(name="t", steps=60, **{**SMALL, "batch_size": 200, "bits": 16, "hidden_dim": 256,
                                            "reconstruction": "sum", "learning_rate": 1e-3})
-    untrained = training.TwinBottleneckHashing(config, cifar_features.dim, len(cifar_features.train_features))
+    untrained = TwinBottleneckHashing(config, cifar_features.dim, len(cifar_features.train_features))
     untrained.build_all()
     before = reconstruction_mse(untrained, cifar_features.test_features)
     captured = {}
-    original = training.final_evaluation
-    training.final_evaluation = lambda model, *a, **k: captured.setdefault("m", model) and original(model, *a, **k)
+    original = loop.final_evaluation
+    loop.final_evaluation = lambda model, *a, **k: captured.setdefault("m", model) and original(model, *a, **k)
     try:
-        training.train(config, tmp_path, strategy=two_replicas(), feature_set=cifar_features)
+        train.train(config, tmp_path, strategy=two_replicas(), feature_set=cifar_features)
     finally:
-        training.final_evaluation = original
+        loop.final_evaluation = original
     after = reconstruction_mse(captured["m"], cifar_features.test_features)
     assert after < 0.8 * before
 
@@ -184,12 +186,12 @@ def test_loss_decreases_on_real_features(tmp_path, cifar_features):
 def test_resume_continues_at_the_right_step_with_the_same_state(tmp_path):
     features = synthetic_features(seed=1)
     base = Config(name="t", steps=20, jit_compile=False, **SMALL)
-    straight = training.train(base, tmp_path / "straight", strategy=two_replicas(), feature_set=features)
-    first = training.train(base.replace(steps=10), tmp_path / "resumed", strategy=two_replicas(),
+    straight = train.train(base, tmp_path / "straight", strategy=two_replicas(), feature_set=features)
+    first = train.train(base.replace(steps=10), tmp_path / "resumed", strategy=two_replicas(),
                            feature_set=features)
     assert first["steps"] == 10
     # The checkpoint at step 10 holds the optimiser state: restoring it gives iterations == 10.
-    model = training.TwinBottleneckHashing(base, features.dim, len(features.train_features))
+    model = TwinBottleneckHashing(base, features.dim, len(features.train_features))
     import keras
     actor = keras.optimizers.Adam(base.learning_rate)
     critic = keras.optimizers.Adam(base.critic_learning_rate)
@@ -200,7 +202,7 @@ def test_resume_continues_at_the_right_step_with_the_same_state(tmp_path):
     ).assert_existing_objects_matched()
     assert int(actor.iterations.numpy()) == 10
     assert any(np.abs(np.asarray(v)).sum() > 0 for v in actor.variables[2:])  # Adam moments restored
-    resumed = training.train(base, tmp_path / "resumed", strategy=two_replicas(), feature_set=features)
+    resumed = train.train(base, tmp_path / "resumed", strategy=two_replicas(), feature_set=features)
     assert resumed["steps"] == 20
     saved = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert saved["steps"] == 20
@@ -226,7 +228,7 @@ def checkpoint_tensors(prefix) -> dict:
 def test_codes_are_deterministic_at_test_time(tmp_path):
     features = synthetic_features()
     config = Config(name="t", steps=5, **{**SMALL, "log_every": 5, "checkpoint_every": 5, "eval_every": 0})
-    model = training.TwinBottleneckHashing(config, features.dim, len(features.train_features))
+    model = TwinBottleneckHashing(config, features.dim, len(features.train_features))
     model.build_all()
     first = encode_features(model, features.test_features)
     second = encode_features(model, features.test_features)
@@ -238,14 +240,14 @@ def test_codes_are_deterministic_at_test_time(tmp_path):
 def test_incompatible_run_directory_is_refused(tmp_path):
     features = synthetic_features()
     config = Config(name="t", steps=5, **{**SMALL, "log_every": 5, "checkpoint_every": 5, "eval_every": 0})
-    training.train(config, tmp_path, strategy=tf.distribute.get_strategy(), feature_set=features)
+    train.train(config, tmp_path, strategy=tf.distribute.get_strategy(), feature_set=features)
     before = (tmp_path / "config.json").read_text()
     with pytest.raises(ConfigError, match="bits: 8 -> 16"):
-        training.train(config.replace(bits=16), tmp_path, strategy=tf.distribute.get_strategy(),
+        train.train(config.replace(bits=16), tmp_path, strategy=tf.distribute.get_strategy(),
                        feature_set=features)
     assert (tmp_path / "config.json").read_text() == before
     with pytest.raises(ConfigError, match="not divisible"):
-        training.train(config.replace(batch_size=63), tmp_path / "other", strategy=two_replicas(),
+        train.train(config.replace(batch_size=63), tmp_path / "other", strategy=two_replicas(),
                        feature_set=features)
 
 
@@ -258,17 +260,17 @@ def test_bfloat16_under_two_replicas_is_finite_identical_and_restores_the_policy
                     **{**SMALL, "eval_every": 0, "checkpoint_every": 12})
     strategy = two_replicas()
     captured = {}
-    original = training.final_evaluation
-    training.final_evaluation = lambda model, *a, **k: captured.setdefault("m", model) and original(model, *a, **k)
+    original = loop.final_evaluation
+    loop.final_evaluation = lambda model, *a, **k: captured.setdefault("m", model) and original(model, *a, **k)
     try:
-        metrics = training.train(config, tmp_path, strategy=strategy, feature_set=features)
+        metrics = train.train(config, tmp_path, strategy=strategy, feature_set=features)
     finally:
-        training.final_evaluation = original
+        loop.final_evaluation = original
     assert keras.mixed_precision.global_policy().name == "float32"
     assert np.isfinite(list(metrics["final_train_terms"].values())).all()
     model = captured["m"]
-    assert model.encoder_hidden.compute_dtype == "bfloat16" and model.encoder_hidden.kernel.dtype == "float32"
-    assert model.geco.log_lambda.dtype == "float32" and model.anchor_graph.centres.dtype == "float32"
+    assert model.encoder.hidden.compute_dtype == "bfloat16" and model.encoder.hidden.kernel.dtype == "float32"
+    assert model.geco.log_lambda.dtype == "float32" and model.similarity.anchor_graph.centres.dtype == "float32"
     for variable in model.variables:
         values = [np.asarray(v) for v in strategy.experimental_local_results(variable.value)]
         np.testing.assert_array_equal(values[0], values[1], err_msg=variable.path)
@@ -277,7 +279,7 @@ def test_bfloat16_under_two_replicas_is_finite_identical_and_restores_the_policy
 def test_progress_is_a_line_per_interval_with_an_eta_when_not_a_terminal():
     import io
     stream = io.StringIO()
-    progress = training._LineProgress(total=100, every=10, stream=stream)
+    progress = monitor.LineProgress(total=100, every=10, stream=stream)
     for step in range(0, 101, 5):
         progress.update(step, values=[("loss", 1.5), ("mse", 0.25)], finalize=step == 100)
     lines = stream.getvalue().splitlines()
@@ -297,8 +299,8 @@ def test_bfloat16_loss_terms_match_float32_on_a_fixed_batch():
     features = np.abs(np.random.default_rng(0).normal(size=(400, 48))).astype(np.float32)
     weights, terms = None, {}
     for policy in ("float32", "mixed_bfloat16"):
-        with training._precision_policy(policy):
-            model = training.TwinBottleneckHashing(config, 48, 400)
+        with distribute.precision_policy(policy):
+            model = TwinBottleneckHashing(config, 48, 400)
             model.build_all()
             model.adapt(features)
             if weights is None:
@@ -307,7 +309,7 @@ def test_bfloat16_loss_terms_match_float32_on_a_fixed_batch():
                 for variable, value in zip(model.weights, weights):
                     variable.assign(value)
             out = model.forward(tf.constant(features[:64]), tf.constant([1, 2]), training=True)
-            terms[policy] = {k: float(v) for k, v in model.loss_terms(out, None)[3].items()}
+            terms[policy] = {k: float(v) for k, v in model.loss_terms(out).logged.items()}
     for key, value in terms["float32"].items():
         assert terms["mixed_bfloat16"][key] == pytest.approx(value, rel=6e-2, abs=5e-3), key
 
@@ -315,7 +317,7 @@ def test_bfloat16_loss_terms_match_float32_on_a_fixed_batch():
 def test_final_evaluation_writes_bit_statistics_and_a_tensorboard_pr_curve(tmp_path):
     features = synthetic_features()
     config = Config(name="t", steps=10, **{**SMALL, "eval_every": 0, "checkpoint_every": 10})
-    training.train(config, tmp_path, strategy=tf.distribute.get_strategy(), feature_set=features)
+    train.train(config, tmp_path, strategy=tf.distribute.get_strategy(), feature_set=features)
     tags = {}
     for path in (tmp_path / "logs" / "train").glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):

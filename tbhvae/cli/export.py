@@ -4,7 +4,7 @@
         [--tflite_dir exported/tbh_tflite]
 
 writes the SavedModel `exported/tbh/<next version>/` (TF Serving layout; signatures in
-`tbhvae.serving`) and, with --tflite_dir, `float32.tflite`, `float16.tflite`,
+`tbhvae.export`) and, with --tflite_dir, `float32.tflite`, `float16.tflite`,
 `dynamic.tflite` and `int8.tflite` in its own next version `<tflite_dir>/<version>/`
 (so an earlier export is never replaced), with a parity report against the Keras
 model over the test features (`parity.json` next to the TFLite files, and a table on stdout).
@@ -15,7 +15,7 @@ import json
 
 from absl import flags, logging
 
-from tbhvae.cli import fail, run_main
+from tbhvae.cli import expect_no_arguments, fail, run_main
 
 FLAGS = flags.FLAGS
 
@@ -35,16 +35,18 @@ def define_flags() -> None:
     flags.DEFINE_integer("backbone_input_size", None, "Square backbone input side in pixels "
                          "(default: the backbone's own).")
     flags.DEFINE_enum("serving_default", "features", ["features", "images"], "Signature served as serving_default.")
-    flags.DEFINE_integer("representative_examples", 1000, "Training rows used to calibrate the int8 variant.")
-    flags.DEFINE_integer("parity_examples", 0, "Test rows in the parity report (0 = all).")
-    flags.DEFINE_integer("latency_repeats", 200, "Timed single-example calls per encoder in the parity report.")
-    flags.DEFINE_integer("num_threads", 1, "LiteRT interpreter threads in the parity report.")
+    flags.DEFINE_integer("representative_examples", 1000, "Training rows used to calibrate the int8 variant.",
+                         lower_bound=1)
+    flags.DEFINE_integer("parity_examples", 0, "Test rows in the parity report (0 = all).", lower_bound=0)
+    flags.DEFINE_integer("latency_repeats", 200, "Timed single-example calls per encoder in the parity report.",
+                         lower_bound=1)
+    flags.DEFINE_integer("num_threads", 1, "LiteRT interpreter threads in the parity report.", lower_bound=1)
 
 
 def parity_features(run, path: str | None):
     """The feature set for calibration and parity: --features, else the run's config.features."""
     from tbhvae.data import DataError, load_features
-    from tbhvae.serving import ExportError
+    from tbhvae.export import ExportError
 
     path = path or run.config.features
     if not path:
@@ -61,41 +63,35 @@ def parity_features(run, path: str | None):
 
 
 def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value")
-    for key in ("representative_examples", "latency_repeats", "num_threads"):
-        if getattr(FLAGS, key) < 1:
-            fail(f"--{key} must be >= 1, got {getattr(FLAGS, key)}")
-    if FLAGS.parity_examples < 0:
-        fail(f"--parity_examples must be >= 0 (0 = all), got {FLAGS.parity_examples}")
+    expect_no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's saver chatter; --verbosity=0 shows it
-    from tbhvae import serving  # after flag parsing: --help stays fast
+    from tbhvae import encoders, export  # after flag parsing: --help stays fast
 
     try:
-        run = serving.load_run(FLAGS.model_dir)
-        backbone = serving.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size)
+        run = export.load_run(FLAGS.model_dir)
+        backbone = export.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size)
         feature_set = parity_features(run, FLAGS.features) if FLAGS.tflite_dir else None
-        path = serving.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default)
-    except serving.ExportError as err:
+        path = export.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default)
+    except export.ExportError as err:
         fail(str(err))
     signatures = ["serving_default", "encode_features"] + (["encode_images", "encode_jpeg"] if backbone else [])
     print(f"SavedModel written to {path} (signatures: {', '.join(signatures)}; "
           f"serving_default = {FLAGS.serving_default})")
     if not FLAGS.tflite_dir:
         return
-    representative = serving.representative_rows(feature_set.train_features, FLAGS.representative_examples)
+    representative = export.representative_rows(feature_set.train_features, FLAGS.representative_examples)
     test = feature_set.test_features[:FLAGS.parity_examples or None]
-    with serving.new_version(FLAGS.tflite_dir) as (staging, version_dir):  # never replaces an earlier export
-        files = serving.write_tflite_variants(path, staging, representative)
-        candidates = {"saved_model": serving.SavedModelEncoder(path)}
-        candidates.update({k: serving.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
-        report = serving.parity_report(serving.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
+    with export.new_version(FLAGS.tflite_dir) as (staging, version_dir):  # never replaces an earlier export
+        files = export.write_tflite_variants(path, staging, representative)
+        candidates = {"saved_model": encoders.SavedModelEncoder(path)}
+        candidates.update({k: encoders.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
+        report = export.parity_report(encoders.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
         report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
                       representative_examples=len(representative), num_threads=FLAGS.num_threads)
         (staging / "parity.json").write_text(json.dumps(report, indent=2))
     print("TFLite files: " + ", ".join(str(version_dir / p.name) for p in files.values()))
-    print(serving.format_parity_table(report))
+    print(export.format_parity_table(report))
     print(f"parity report written to {version_dir / 'parity.json'}")
     int8 = report["rows"]["int8"]["bit_agreement"]
     if int8 < 0.98:
@@ -103,6 +99,7 @@ def main(argv):
 
 
 def run():
+    """Console entry point `tbhvae-export`."""
     define_flags()
     run_main(main, __name__)
 

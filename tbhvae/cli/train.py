@@ -12,35 +12,34 @@ import os
 from absl import flags
 from absl import logging as absl_logging
 
-from tbhvae.cli import fail, run_main
+from tbhvae.cli import expect_no_arguments, fail, run_main
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "configs/cifar10_tbhvae.py", "Config file (.py with get_config(), or .json).")
-flags.DEFINE_bool("print_config", False, "Print the resolved config (file + overrides) as JSON and exit.")
 
 
-def _set_help() -> str:
+def define_flags() -> None:
+    """Defines the flags (called by `run`, so that importing this module defines none)."""
     from tbhvae.config import describe_keys  # no TensorFlow: --help stays fast
-    return "Config override key=value (repeatable). Keys:\n" + describe_keys()
 
-
-flags.DEFINE_multi_string("set", [], _set_help())
-flags.DEFINE_string("model_dir", None, "Run directory (default runs/<config name>_<bits>b); "
-                    "rerunning with the same directory resumes.")
-flags.DEFINE_string("features", None, "Feature .npz (skips TFDS download and backbone extraction).")
-flags.DEFINE_string("images", None, "Image source to extract features from: tfds:NAME or a JPEG .npz "
-                    "(config key images).")
-flags.DEFINE_string("weights", None, "Backbone weights for extraction: imagenet, none or a weights file "
-                    "(config key backbone_weights).")
-flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (config key data_dir).")
-flags.DEFINE_integer("bits", None, "Code length M (overrides the config).")
-flags.DEFINE_integer("steps", None, "Total training steps (overrides the config).")
-flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multiworker"],
-                  "tf.distribute strategy; multiworker reads the cluster from TF_CONFIG.")
-flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise rerunning a finished run "
-                  "only says where its metrics are).")
-flags.DEFINE_bool("fresh", False, "Discard the run already in --model_dir (only the files tbhvae wrote; "
-                  "refused for a directory that is not a tbhvae run) and start over.")
+    flags.DEFINE_string("config", "configs/cifar10_tbhvae.py", "Config file (.py with get_config(), or .json).")
+    flags.DEFINE_bool("print_config", False, "Print the resolved config (file + overrides) as JSON and exit.")
+    flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable). Keys:\n" + describe_keys())
+    flags.DEFINE_string("model_dir", None, "Run directory (default runs/<config name>_<bits>b); "
+                        "rerunning with the same directory resumes.")
+    flags.DEFINE_string("features", None, "Feature .npz (skips TFDS download and backbone extraction).")
+    flags.DEFINE_string("images", None, "Image source to extract features from: tfds:NAME or a JPEG .npz "
+                        "(config key images).")
+    flags.DEFINE_string("weights", None, "Backbone weights for extraction: imagenet, none or a weights file "
+                        "(config key backbone_weights).")
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir holding prepared datasets (config key data_dir).")
+    flags.DEFINE_integer("bits", None, "Code length M (overrides the config).")
+    flags.DEFINE_integer("steps", None, "Total training steps (overrides the config).")
+    flags.DEFINE_enum("strategy", "auto", ["auto", "default", "mirrored", "multiworker"],
+                      "tf.distribute strategy; multiworker reads the cluster from TF_CONFIG.")
+    flags.DEFINE_bool("reevaluate", False, "Evaluate a finished run again (otherwise rerunning a finished run "
+                      "only says where its metrics are).")
+    flags.DEFINE_bool("fresh", False, "Discard the run already in --model_dir (only the files tbhvae wrote; "
+                      "refused for a directory that is not a tbhvae run) and start over.")
 
 
 def load_checked_config():
@@ -64,8 +63,7 @@ def load_checked_config():
 
 
 def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments {' '.join(argv[1:])}; use --flag=value")
+    expect_no_arguments(argv)
     from tbhvae.config import ConfigError  # after flag parsing: --help stays fast
     from tbhvae.data import DataError, load_features
 
@@ -80,27 +78,29 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # TF's per-checkpoint INFO lines
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from tbhvae import training
+    from tbhvae import train
 
     model_dir = FLAGS.model_dir or f"runs/{config.name}_{config.bits}b"
-    finished = None if FLAGS.fresh or FLAGS.reevaluate else training.finished_steps(model_dir, config)
+    finished = None if FLAGS.fresh or FLAGS.reevaluate else train.finished_steps(model_dir, config)
     if finished is not None:
         print(f"run already complete ({finished} steps); metrics in {model_dir}/metrics.json "
               f"(--reevaluate to evaluate again, --steps N to train further)")
         return
     try:
-        strategy = training.make_strategy(FLAGS.strategy)  # first TF op: multiworker needs that
-        metrics = training.train(config, model_dir, strategy=strategy, fresh=FLAGS.fresh, feature_set=feature_set)
-    except (ConfigError, DataError, training.TrainingError) as err:
+        strategy = train.make_strategy(FLAGS.strategy)  # first TF op: multiworker needs that
+        metrics = train.train(config, model_dir, strategy=strategy, fresh=FLAGS.fresh, feature_set=feature_set)
+    except (ConfigError, DataError, train.TrainingError) as err:
         fail(str(err))
     summary = {k: metrics[k] for k in ("model", "bits", "steps", "map@1000", "map", "precision@r2",
                                        "train_seconds", "examples_per_second") if k in metrics}
     print(json.dumps(summary, indent=2))
-    if training.is_chief():
+    if train.is_chief(strategy):
         print(f"metrics written to {model_dir}/metrics.json; TensorBoard: tensorboard --logdir {model_dir}/logs")
 
 
 def run():
+    """Console entry point `tbhvae-train`."""
+    define_flags()
     run_main(main, __name__)
 
 

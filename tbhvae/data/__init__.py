@@ -1,4 +1,4 @@
 """Data: feature sets (`features`), image sources (`images`) and backbone feature extraction (`extraction`)."""
-from tbhvae.data.features import DataError, FeatureSet, load_features, per_class_queries, save_features, validate
+from tbhvae.data.features import DataError, FeatureSet, load_features, save_features, validate
 
-__all__ = ["DataError", "FeatureSet", "load_features", "per_class_queries", "save_features", "validate"]
+__all__ = ["DataError", "FeatureSet", "load_features", "save_features", "validate"]

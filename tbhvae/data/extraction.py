@@ -4,9 +4,7 @@ The output has the format of `tbhvae.data.features` (train/test features, labels
 Extraction is chunked and resumable: every `chunk_size` images of a split are written to
 `OUT.partial/` as they are done, so a crash loses at most one chunk and rerunning the same
 command goes on from the last chunk; the final `.npz` is written atomically and the
-partial directory removed.
-
-    python -m tbhvae.data.extraction --images tfds:cifar10 --out cifar10_vgg16_fc7.npz
+partial directory removed. Command line: `tbhvae.cli.extract`.
 """
 from __future__ import annotations
 
@@ -23,8 +21,9 @@ from typing import Callable
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import app, flags, logging
+from absl import logging
 
+from tbhvae.checks import atomic_path, atomic_write, first_line
 from tbhvae.data.features import DataError, FeatureSet, save_features, validate
 from tbhvae.data.images import SPLITS, ImageSource, image_source
 
@@ -101,7 +100,7 @@ def _construct(name: str, spec: BackboneSpec, weights: str, kwargs: dict) -> ker
             raise
         except Exception as err:  # keras raises a bare Exception for URL fetch failures
             raise DataError(f"could not download the ImageNet weights of {name} "
-                            f"({type(err).__name__}: {_first_line(err)}); {WEIGHTS_HINT}") from None
+                            f"({type(err).__name__}: {_error_line(err)}); {WEIGHTS_HINT}") from None
     path = Path(weights)
     if not path.is_file():
         raise DataError(f"--weights {weights}: no such file; use imagenet, none or a path to "
@@ -110,13 +109,13 @@ def _construct(name: str, spec: BackboneSpec, weights: str, kwargs: dict) -> ker
         return spec.constructor(weights=str(path), **kwargs)
     except Exception as err:  # wrong format or a model/weights mismatch
         raise DataError(f"--weights {path}: cannot be loaded into {name} "
-                        f"({type(err).__name__}: {_first_line(err)}); the file must hold weights of "
+                        f"({type(err).__name__}: {_error_line(err)}); the file must hold weights of "
                         f"keras.applications {spec.constructor.__name__} as built here") from None
 
 
-def _first_line(err: BaseException) -> str:
-    lines = re.sub(r"\{\{[^}]*\}\}\s*", "", str(err)).strip().splitlines()
-    return lines[0] if lines else "no message"
+def _error_line(err: BaseException) -> str:
+    """`checks.first_line` without TensorFlow's "{{function_node ...}}" annotations."""
+    return re.sub(r"\{\{[^}]*\}\}\s*", "", first_line(err)) or type(err).__name__
 
 
 def extract_features(images: str, out: str | Path, backbone: str = DEFAULT_BACKBONE,
@@ -167,7 +166,7 @@ def _open_partial_dir(out: Path, settings: dict) -> Path:
         logging.warning("%s was written with other settings (%s); starting afresh", partial, previous)
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    manifest.write_text(json.dumps(settings, indent=1))
+    atomic_write(manifest, json.dumps(settings, indent=1))
     return partial
 
 
@@ -189,9 +188,8 @@ def _written_chunks(partial: Path, split: str) -> int:
 
 def _write_chunk(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
     """Writes one chunk atomically: features [n, D], labels [n] or [n, C]."""
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, features=features, labels=labels)
-    tmp.replace(path)
+    with atomic_path(path, ".tmp.npz") as tmp:
+        np.savez(tmp, features=features, labels=labels)
 
 
 def _extract_split(source: ImageSource, split: str, partial: Path, infer, preprocess,
@@ -223,7 +221,7 @@ def _extract_split(source: ImageSource, split: str, partial: Path, infer, prepro
             break
         except tf.errors.InvalidArgumentError as err:
             raise DataError(f"{source.description}: cannot decode an image among images {position}.."
-                            f"{position + batch_size - 1} ({_first_line(err)}); fix or remove it") from None
+                            f"{position + batch_size - 1} ({_error_line(err)}); fix or remove it") from None
         features.append(infer(batch_images).numpy().astype(dtype))
         labels.append(batch_labels.numpy())
         position += len(batch_labels)
@@ -235,7 +233,7 @@ def _extract_split(source: ImageSource, split: str, partial: Path, infer, prepro
                          (position - start) / (time.monotonic() - began))
     if features:
         _flush_chunk(partial, split, chunk_index, features, labels, chunk_size)
-    _done_marker(partial, split).write_text(str(position))
+    atomic_write(_done_marker(partial, split), str(position))
     logging.info("%s: all %d images done (%.1f images/s)", source.description, position,
                  (position - start) / max(time.monotonic() - began, 1e-9))
 
@@ -283,40 +281,3 @@ def features_for(images: str, backbone: str, weights: str, cache_dir: str | Path
     logging.info("no cached features at %s; extracting %s with %s (%s weights)", path, images,
                  backbone, weights)
     return extract_features(images, path, backbone, weights, data_dir=data_dir)
-
-
-def _define_flags() -> None:
-    flags.DEFINE_string("images", "tfds:cifar10", "Image source: tfds:NAME or a JPEG .npz path.")
-    flags.DEFINE_string("out", None, "Output feature .npz.", required=True)
-    flags.DEFINE_enum("backbone", DEFAULT_BACKBONE, list(BACKBONES), "Feature extractor.")
-    flags.DEFINE_string("weights", "imagenet", "imagenet, none, or a path to a keras weights file.")
-    flags.DEFINE_integer("batch_size", 64, "Images per backbone call.")
-    flags.DEFINE_integer("chunk_size", CHUNK_SIZE, "Images per resumable chunk.")
-    flags.DEFINE_integer("limit", None, "Extract only the first N images of each split.")
-    flags.DEFINE_integer("input_size", None, "Square input side in pixels (default: the backbone's).")
-    flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Stored feature dtype.")
-    flags.DEFINE_string("data_dir", None, "TFDS data directory.")
-    flags.DEFINE_boolean("download", True, "Let TFDS download and prepare the dataset.")
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    options = flags.FLAGS
-    try:
-        extract_features(options.images, options.out, options.backbone, options.weights,
-                         data_dir=options.data_dir, download=options.download,
-                         batch_size=options.batch_size, chunk_size=options.chunk_size,
-                         limit=options.limit, input_size=options.input_size, dtype=options.dtype)
-    except DataError as err:
-        sys.exit(f"tbhvae-extract: error: {err}")
-
-
-def run() -> None:
-    """Console entry point `tbhvae-extract`."""
-    _define_flags()
-    app.run(main)
-
-
-if __name__ == "__main__":
-    run()

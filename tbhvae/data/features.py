@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tbhvae.checks import atomic_path, check_features, check_labels
+
 REQUIRED_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
 
 
@@ -48,52 +50,33 @@ class FeatureSet:
         return int(max(self.train_labels.max(initial=-1), self.test_labels.max(initial=-1)) + 1)
 
 
-def _check_labels(labels: np.ndarray, count: int, key: str, where: str) -> np.ndarray:
+def _check_labels(labels, count: int, key: str, where: str) -> np.ndarray:
+    """Class ids -> int64 [count], multi-hot -> uint8 [count, C] (`checks.check_labels`), or DataError."""
+    labels = np.asarray(labels)
     if labels.shape[:1] != (count,):
         raise DataError(
             f"{where}: '{key}' has {labels.shape[0] if labels.ndim else 0} rows but the matching "
             f"features have {count}; labels and features must align row by row")
-    if labels.ndim == 1:
-        if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
-            raise DataError(f"{where}: '{key}' must hold non-negative integer class ids, "
-                            f"got dtype {labels.dtype}")
-        return labels.astype(np.int64)
-    if labels.ndim == 2 and labels.size and np.isin(labels, (0, 1)).all():
-        return labels.astype(np.uint8)
-    if labels.ndim == 2 and not labels.size:
-        return labels.astype(np.uint8)
-    raise DataError(f"{where}: '{key}' must be class ids [n] or 0/1 multi-hot [n, C], "
-                    f"got shape {labels.shape} dtype {labels.dtype}")
+    return check_labels(labels, count, f"{where}: '{key}'", error=DataError)
 
 
-def _check_features(features: np.ndarray, key: str, where: str) -> np.ndarray:
-    if features.ndim != 2:
-        raise DataError(f"{where}: '{key}' must be a 2-D float array [n, dim], got shape {features.shape}")
-    if features.shape[0] == 0:
-        raise DataError(f"{where}: '{key}' is empty (0 rows); both splits need at least one example")
-    if not np.issubdtype(features.dtype, np.floating) and not np.issubdtype(features.dtype, np.integer):
-        raise DataError(f"{where}: '{key}' must be numeric, got dtype {features.dtype}")
-    features = features.astype(np.float32)
-    finite = np.isfinite(features)
-    if not finite.all():
-        row = int(np.argwhere(~finite)[0, 0])
-        raise DataError(f"{where}: '{key}' holds {int((~finite).sum())} NaN/Inf values "
-                        f"(first in row {row}); clean or drop those rows")
-    return features
+def _check_features(features, key: str, where: str) -> np.ndarray:
+    """Finite numeric [n, D], n >= 1 -> float32 (`checks.check_features`), or DataError."""
+    return check_features(features, f"{where}: '{key}'", error=DataError)
 
 
 def validate(feature_set: FeatureSet, where: str = "features") -> FeatureSet:
     """Checks shapes, dtypes and values; returns a normalised copy or raises DataError."""
-    train = _check_features(np.asarray(feature_set.train_features), "train_features", where)
-    test = _check_features(np.asarray(feature_set.test_features), "test_features", where)
+    train = _check_features(feature_set.train_features, "train_features", where)
+    test = _check_features(feature_set.test_features, "test_features", where)
     if train.shape[1] != test.shape[1]:
         raise DataError(f"{where}: train_features have dim {train.shape[1]} but test_features "
                         f"have dim {test.shape[1]}; both splits must come from the same extractor")
     if np.all(train.max(axis=0) == train.min(axis=0)):
         raise DataError(f"{where}: 'train_features' are constant (every column has zero "
                         f"variance); nothing can be learned from them")
-    train_labels = _check_labels(np.asarray(feature_set.train_labels), len(train), "train_labels", where)
-    test_labels = _check_labels(np.asarray(feature_set.test_labels), len(test), "test_labels", where)
+    train_labels = _check_labels(feature_set.train_labels, len(train), "train_labels", where)
+    test_labels = _check_labels(feature_set.test_labels, len(test), "test_labels", where)
     if train_labels.ndim != test_labels.ndim or (
             train_labels.ndim == 2 and train_labels.shape[1] != test_labels.shape[1]):
         raise DataError(f"{where}: train_labels {train_labels.shape} and test_labels "
@@ -126,7 +109,7 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
 
 
 def save_features(path: str | os.PathLike, feature_set: FeatureSet, dtype=np.float32) -> Path:
-    """Writes a feature set atomically (temporary file, then rename)."""
+    """Writes a feature set atomically (`checks.atomic_path`); features stored as `dtype`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {k: getattr(feature_set, k) for k in REQUIRED_KEYS}
@@ -134,17 +117,7 @@ def save_features(path: str | os.PathLike, feature_set: FeatureSet, dtype=np.flo
     arrays["test_features"] = np.asarray(arrays["test_features"], dtype=dtype)
     if feature_set.class_names is not None:
         arrays["class_names"] = np.asarray(feature_set.class_names, dtype=str)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, ".tmp.npz") as tmp:
+        np.savez(tmp, **arrays)
     return path
 
-
-def per_class_queries(labels: np.ndarray, per_class: int = 100) -> np.ndarray:
-    """Indices of the first `per_class` examples of each class ("q1k" for CIFAR-10).
-
-    For multi-hot labels an example counts for its first label.
-    """
-    ids = labels if labels.ndim == 1 else np.argmax(labels, axis=1)
-    picks = [np.flatnonzero(ids == c)[:per_class] for c in np.unique(ids)]
-    return np.sort(np.concatenate(picks))

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from tbhvae.checks import check_labels, first_line
 from tbhvae.data.features import DataError
 
 SPLITS = ("train", "test")
@@ -123,24 +124,19 @@ def _split_jpeg_bytes(path: Path, split: str, encoded: np.ndarray, offsets: np.n
 
 def _check_image_labels(path: Path, split: str, labels: np.ndarray, count: int,
                         names: tuple[str, ...] | None) -> np.ndarray:
-    """Returns int64 [n] class ids or uint8 [n, C] multi-hot, or raises DataError."""
+    """Returns int64 [n] class ids or uint8 [n, C] multi-hot (`checks.check_labels`), or raises DataError."""
     key = f"{split}_labels"
     if labels.shape[:1] != (count,):
         raise DataError(f"{path}: '{key}' has {labels.shape[0] if labels.ndim else 0} rows but "
                         f"'{split}_offsets' describe {count} images; they must align")
-    if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and labels.min(initial=0) >= 0:
-        labels = labels.astype(np.int64)
-        if names is not None and labels.max(initial=-1) >= len(names):
-            raise DataError(f"{path}: '{key}' has class id {labels.max()} but 'class_names' "
-                            f"lists only {len(names)} classes")
-        return labels
-    if labels.ndim == 2 and np.isin(labels, (0, 1)).all():
-        if names is not None and labels.shape[1] != len(names):
-            raise DataError(f"{path}: '{key}' has {labels.shape[1]} classes but 'class_names' "
-                            f"lists {len(names)}")
-        return labels.astype(np.uint8)
-    raise DataError(f"{path}: '{key}' must be non-negative class ids [n] or 0/1 multi-hot "
-                    f"[n, C], got shape {labels.shape} dtype {labels.dtype}")
+    labels = check_labels(labels, count, f"{path}: '{key}'", error=DataError)
+    if names is not None and labels.ndim == 1 and labels.max(initial=-1) >= len(names):
+        raise DataError(f"{path}: '{key}' has class id {labels.max()} but 'class_names' "
+                        f"lists only {len(names)} classes")
+    if names is not None and labels.ndim == 2 and labels.shape[1] != len(names):
+        raise DataError(f"{path}: '{key}' has {labels.shape[1]} classes but 'class_names' "
+                        f"lists {len(names)}")
+    return labels
 
 
 # Where TFDS and Keras fetch datasets and weights; one connection attempt tells "offline" in seconds,
@@ -168,7 +164,7 @@ class TfdsSource(ImageSource):
             builder = tfds.builder(name, data_dir=data_dir)
         except Exception as err:  # tfds raises several types for unknown or broken names
             raise DataError(f"{TFDS_PREFIX}{name}: not a usable TFDS dataset "
-                            f"({type(err).__name__}: {_first_line(err)})") from None
+                            f"({type(err).__name__}: {first_line(err)})") from None
         where = data_dir or "the default TFDS data_dir"
         if download and not builder.is_prepared():
             _check_online(f"{TFDS_PREFIX}{name}")
@@ -177,7 +173,7 @@ class TfdsSource(ImageSource):
                 builder.download_and_prepare()
             except Exception as err:  # offline: network, missing-module and checksum errors all land here
                 raise DataError(f"{TFDS_PREFIX}{name}: download/preparation into {where} failed "
-                                f"({type(err).__name__}: {_first_line(err)}); {LOCAL_DATA_HINT}") from None
+                                f"({type(err).__name__}: {first_line(err)}); {LOCAL_DATA_HINT}") from None
         elif not builder.is_prepared():
             raise DataError(f"{TFDS_PREFIX}{name}: not prepared in {where} and downloading is off; "
                             f"{LOCAL_DATA_HINT}")
@@ -215,11 +211,6 @@ def _multi_hot(class_ids: tf.Tensor, num_classes: int) -> tf.Tensor:
     """int [k] class ids (repeats allowed) -> uint8 [num_classes] 0/1."""
     counts = tf.math.bincount(tf.cast(class_ids, tf.int32), minlength=num_classes, maxlength=num_classes)
     return tf.cast(counts > 0, tf.uint8)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def image_source(spec: str, split: str, data_dir: str | None = None, download: bool = True) -> ImageSource:

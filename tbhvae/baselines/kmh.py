@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tbhvae.baselines import HashingBaseline, _principal_components, _squared_distances
+from tbhvae.baselines.base import HashingBaseline, _principal_components, _squared_distances
 
 MAX_BITS_PER_SUBSPACE = 8  # 2^8 = 256 codewords per subspace
 BFGS_MAX_ITERATIONS = 100
@@ -155,7 +155,7 @@ class _Subspace:
     # --- the two steps
     def assign(self) -> np.ndarray:
         """Assignment step: every sample to its nearest codeword (as in k-means)."""
-        # ||x - c||^2 up to ||x||^2, through einsum (see tbhvae.dgh on BLAS with busy cores)
+        # ||x - c||^2 up to ||x||^2, through einsum (see tbhvae.baselines.dgh on BLAS with busy cores)
         half_norms = 0.5 * np.einsum("kd,kd->k", self.codewords, self.codewords)
         assignment = np.argmax(np.einsum("nd,kd->nk", self.data, self.codewords) - half_norms, axis=1)
         self._statistics(assignment)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tbhvae.baselines import AGH, HashingBaseline
+from tbhvae.baselines.base import HashingBaseline
+from tbhvae.baselines.spectral import AGH
 
 INITIALISATIONS = ("identity", "rotation")
 RANK_TOLERANCE = 1e-10  # eigenvalues of (JB)^T JB below this times the largest count as zero
@@ -210,7 +211,7 @@ class DGH(HashingBaseline):
         """The B-subproblem: B <- sgn(C(2 A B + rho Y, B)) until B is a fixed point (or T_B steps)."""
         sums = graph.anchor_sums(codes)  # Z^T B, updated with the flipped bits only
         steps = 0
-        for steps in range(1, self.b_iterations + 1):
+        for steps in range(1, self.b_iterations + 1):  # noqa: B007 (read after the loop)
             gradient = 2.0 * graph.spread(graph.inverse_degrees[:, None] * sums) + self.rho * y
             new_codes = _signs(gradient, codes)
             changed = np.flatnonzero(np.any(new_codes != codes, axis=1))

@@ -1,0 +1,145 @@
+"""Runtime hash encoders: open a run, an exported SavedModel or a TFLite file and encode features.
+
+Every encoder maps features float [N, D] to numpy outputs bits uint8 [N, M],
+packed uint8 [N, ceil(M / 8)] and probs float32 [N, M] (see `tbhvae.export`);
+`open_encoder` picks the kind from the path. retrieval.py and bench/ use them.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from tbhvae.export.savedmodel import OUTPUT_NAMES, ExportError, TrainedRun, hash_outputs, load_run, resolve_saved_model
+from tbhvae.train.rundir import RunDirectory
+
+
+def _check_features(features, dim: int) -> np.ndarray:
+    """float [n, dim] -> float32 [n, dim]; ValueError naming the expected shape otherwise."""
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[1] != dim or not np.issubdtype(features.dtype, np.floating):
+        raise ValueError(f"features: expected a float array [batch, {dim}], got {features.dtype} "
+                         f"{list(features.shape)}")
+    return features.astype(np.float32, copy=False)
+
+
+class Encoder:
+    """Features float [N, D] -> dict of numpy outputs (bits, packed, probs), batched.
+
+    Subclasses run the Keras model, a SavedModel signature or a LiteRT interpreter.
+    """
+
+    description: str
+    input_dim: int
+    bits: int
+
+    def encode(self, features, batch_size: int = 4096) -> dict[str, np.ndarray]:
+        features = _check_features(features, self.input_dim)
+        parts = [self._run(features[i:i + batch_size]) for i in range(0, len(features), batch_size)]
+        if not parts:
+            parts = [self._run(features)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+
+    def latency_ms(self, features, batch_size: int = 1, repeats: int = 200) -> float:
+        """Median milliseconds per call on batches of `batch_size` rows (after one warm-up call)."""
+        batch = _check_features(features, self.input_dim)[:batch_size]
+        self._run(batch)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._run(batch)
+            times.append(time.perf_counter() - start)
+        return 1000.0 * float(np.median(times))
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class KerasEncoder(Encoder):
+    """The restored training model (the reference every export is compared with)."""
+
+    def __init__(self, run: TrainedRun):
+        self.run = run
+        self.description = f"keras {run.checkpoint}"
+        self.input_dim, self.bits = run.input_dim, run.config.bits
+        self._function = tf.function(lambda x: hash_outputs(run.model, x, with_logits=True),
+                                     input_signature=[tf.TensorSpec([None, run.input_dim], tf.float32)])
+
+    def _run(self, batch):
+        return {k: v.numpy() for k, v in self._function(tf.constant(batch)).items()}
+
+    def logits(self, features, batch_size: int = 4096) -> np.ndarray:
+        """Binary-head logits float32 [N, M]."""
+        features = _check_features(features, self.input_dim)
+        return np.concatenate([self._run(features[i:i + batch_size])["logits"]
+                               for i in range(0, max(len(features), 1), batch_size)])
+
+
+class SavedModelEncoder(Encoder):
+    """The encode_features signature of an exported SavedModel."""
+
+    def __init__(self, path: str | os.PathLike, signature: str = "encode_features"):
+        self.path = resolve_saved_model(path)
+        self.loaded = tf.saved_model.load(str(self.path))
+        if signature not in self.loaded.signatures:
+            raise ExportError(f"{self.path}: has no signature '{signature}' "
+                              f"(has {', '.join(self.loaded.signatures)})")
+        self.signature = self.loaded.signatures[signature]
+        spec = self.signature.structured_input_signature[1]["features"]
+        self.input_dim = int(spec.shape[1])
+        self.bits = int(self.signature.structured_outputs["bits"].shape[1])
+        self.description = f"saved_model {self.path}"
+
+    def _run(self, batch):
+        return {k: v.numpy() for k, v in self.signature(features=tf.constant(batch)).items()}
+
+    def encode_jpeg(self, encoded: list[bytes], batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Outputs for encoded JPEG/PNG files [N] via the encode_jpeg signature (image exports only)."""
+        if "encode_jpeg" not in self.loaded.signatures:
+            raise ExportError(f"{self.path}: has no image signatures (exported without a backbone); "
+                              f"encode features instead, or export with --backbone")
+        signature = self.loaded.signatures["encode_jpeg"]
+        parts = [{k: v.numpy() for k, v in signature(encoded_jpeg=tf.constant(encoded[i:i + batch_size])).items()}
+                 for i in range(0, len(encoded), batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+
+
+class LiteEncoder(Encoder):
+    """A TFLite file's serving_default signature run by LiteRT."""
+
+    def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        if isinstance(model, bytes):
+            self.description, kwargs = "tflite (in memory)", {"model_content": model}
+        else:
+            if not Path(model).is_file():
+                raise ExportError(f"{model}: no such TFLite file; write one with export.py --tflite_dir")
+            self.description, kwargs = f"tflite {model}", {"model_path": str(model)}
+        self.interpreter = Interpreter(num_threads=num_threads, **kwargs)
+        signatures = self.interpreter.get_signature_list()
+        if "serving_default" not in signatures:
+            raise ExportError(f"{self.description}: no serving_default signature (has {', '.join(signatures)})")
+        self.runner = self.interpreter.get_signature_runner("serving_default")
+        details = self.runner.get_input_details()["features"]
+        self.input_dim = int(details["shape_signature"][1])
+        self.bits = int(self.runner.get_output_details()["bits"]["shape_signature"][1])
+
+    def _run(self, batch):
+        return {k: np.array(v) for k, v in self.runner(features=batch).items()}
+
+
+def open_encoder(path: str | os.PathLike, num_threads: int | None = None) -> Encoder:
+    """An encoder from a `.tflite` file, a SavedModel (or its versions directory) or a run directory."""
+    path = Path(path)
+    if path.suffix == ".tflite":
+        return LiteEncoder(path, num_threads=num_threads)
+    if RunDirectory(path).config_path.is_file():
+        return KerasEncoder(load_run(path))
+    if not path.exists():
+        raise ExportError(f"{path}: no such encoder; pass a run directory, an exported SavedModel "
+                          f"directory or a .tflite file")
+    return SavedModelEncoder(path)

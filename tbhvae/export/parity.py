@@ -1,0 +1,66 @@
+"""Parity of exported encoders with the Keras model: code agreement, size and latency per encoder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # encoders import tbhvae.export; parity only calls their methods
+    from tbhvae.encoders import Encoder, KerasEncoder
+
+
+def compare_codes(reference: dict, logits: np.ndarray, outputs: dict) -> dict:
+    """Agreement of `outputs` with the reference outputs (numpy dicts) of the same rows.
+
+    bit_agreement: fraction of equal bits; code_agreement: fraction of rows whose
+    whole code is equal; max_prob_error: max |probs difference|; flipped_bits;
+    max_flipped_logit: the largest reference |logit| among flipped bits (how far
+    from the decision boundary a disagreement happened); packed_matches_bits:
+    `packed` equals np.packbits(bits) of the same outputs.
+    """
+    equal = outputs["bits"] == reference["bits"]
+    flipped = ~equal
+    return {"bit_agreement": float(equal.mean()), "code_agreement": float(equal.all(axis=1).mean()),
+            "flipped_bits": int(flipped.sum()),
+            "max_flipped_logit": float(np.abs(logits[flipped]).max()) if flipped.any() else 0.0,
+            "max_prob_error": float(np.abs(outputs["probs"] - reference["probs"]).max()),
+            "packed_matches_bits": bool(np.array_equal(outputs["packed"], np.packbits(outputs["bits"], axis=1)))}
+
+
+def parity_report(reference: KerasEncoder, candidates: dict[str, Encoder], features: np.ndarray,
+                  files: dict[str, Path] | None = None, latency_repeats: int = 200) -> dict:
+    """Compares each candidate encoder with the Keras model on `features` float32 [N, D].
+
+    Returns {"examples", "bits", "rows": {name: {...compare_codes, size_bytes,
+    latency_ms (batch of 1, median), batch_ms_per_example (batches of 256)}}},
+    with a "keras" row for the reference itself.
+    """
+    files = files or {}
+    expected = reference.encode(features)
+    logits = reference.logits(features)
+    rows = {}
+    for name, encoder in {"keras": reference, **candidates}.items():
+        outputs = expected if encoder is reference else encoder.encode(features, batch_size=1024)
+        row = compare_codes(expected, logits, outputs)
+        row["size_bytes"] = int(files[name].stat().st_size) if name in files else None
+        row["latency_ms"] = encoder.latency_ms(features, 1, latency_repeats)
+        row["batch_ms_per_example"] = encoder.latency_ms(features, 256, max(latency_repeats // 20, 3)) / min(
+            256, len(features))
+        rows[name] = row
+    return {"examples": int(len(features)), "bits": reference.bits, "reference": reference.description,
+            "rows": rows}
+
+
+def format_parity_table(report: dict) -> str:
+    """A markdown table of a parity report."""
+    lines = [f"parity against the Keras model on {report['examples']} examples, {report['bits']} bits",
+             "| encoder | bit agreement | codes equal | flipped bits | max |logit| flipped | max |probs| err "
+             "| size (KiB) | latency (ms, batch 1) | ms/example (batch 256) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in report["rows"].items():
+        size = f"{row['size_bytes'] / 1024:.1f}" if row["size_bytes"] is not None else "-"
+        lines.append(f"| {name} | {100 * row['bit_agreement']:.4f}% | {100 * row['code_agreement']:.2f}% "
+                     f"| {row['flipped_bits']} | {row['max_flipped_logit']:.2g} | {row['max_prob_error']:.2e} "
+                     f"| {size} | {row['latency_ms']:.3f} | {row['batch_ms_per_example']:.4f} |")
+    return "\n".join(lines)

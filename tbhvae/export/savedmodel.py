@@ -1,0 +1,248 @@
+"""SavedModel export of a training run: restore it, build the signatures, write a TF Serving version.
+
+A version directory `base/name/<N>/` holds the SavedModel and, in METADATA_FILE,
+where it came from (run, checkpoint, bits, backbone, signatures).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from tbhvae.checks import first_line
+from tbhvae.codes import num_bytes
+from tbhvae.config import Config
+from tbhvae.models import TwinBottleneckHashing
+from tbhvae.train.rundir import RunDirectory, RunDirError
+
+OUTPUT_NAMES = ("bits", "packed", "probs")
+METADATA_FILE = "assets.extra/tbhvae.json"  # inside a version directory; ignored by TF Serving
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # most significant bit first, as np.packbits
+
+
+class ExportError(ValueError):
+    """A run, export directory or encoder that cannot be used; the message says what to do."""
+
+
+# ------------------------------------------------------------------ trained run
+@dataclasses.dataclass
+class TrainedRun:
+    """A restored training run: the model with its checkpoint weights."""
+
+    path: Path
+    config: Config
+    input_dim: int
+    checkpoint: str
+    model: TwinBottleneckHashing
+
+
+def load_run(model_dir: str | os.PathLike) -> TrainedRun:
+    """Restores the latest intact checkpoint of a run directory written by train.py.
+
+    Raises ExportError (one line, naming the directory) for a missing, empty or
+    foreign directory, or a checkpoint that does not fit the saved config.
+    """
+    run_dir = RunDirectory(model_dir)
+    path = run_dir.path
+    hint = "pass the --model_dir that train.py wrote (it holds config.json, data.json and checkpoints/)"
+    if not path.is_dir():
+        raise ExportError(f"{path}: no such directory; {hint}")
+    if not run_dir.config_path.is_file():
+        raise ExportError(f"{path}: not a training run (no config.json); {hint}")
+    try:
+        config = run_dir.saved_config()
+        input_dim, dataset_size = run_dir.data_info()
+    except ValueError as err:  # a ConfigError (config.json) or data.json
+        raise ExportError(f"{err}; {hint}") from None
+    try:
+        checkpoint = run_dir.resume_checkpoint()
+    except RunDirError as err:
+        raise ExportError(str(err)) from None
+    if checkpoint is None:
+        raise ExportError(f"{path}: no checkpoint in {run_dir.checkpoints}; train first "
+                          f"(python train.py --model_dir {path}) or pass another --model_dir")
+    model = TwinBottleneckHashing(config, input_dim, dataset_size)
+    model.build_all()
+    try:
+        tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError, tf.errors.OpError) as err:
+        raise ExportError(f"{checkpoint}: does not match the model of {run_dir.config_path} "
+                          f"({first_line(err)})") from None
+    return TrainedRun(path, config, input_dim, checkpoint, model)
+
+
+# ------------------------------------------------------------------ signatures
+def pack_bits(bits: tf.Tensor) -> tf.Tensor:
+    """0/1 uint8 [B, M] -> uint8 [B, ceil(M / 8)], MSB first, last byte zero-padded (np.packbits)."""
+    count = bits.shape[-1]
+    nbytes = num_bytes(count)
+    values = tf.cast(bits, tf.int32)
+    if nbytes * 8 != count:
+        values = tf.pad(values, [[0, 0], [0, nbytes * 8 - count]])
+    values = tf.reshape(values, [-1, nbytes, 8])
+    return tf.cast(tf.reduce_sum(values * tf.constant(_BIT_WEIGHTS, tf.int32), axis=2), tf.uint8)
+
+
+def hash_outputs(model: TwinBottleneckHashing, features: tf.Tensor, with_logits: bool = False) -> dict:
+    """The signature outputs (see `tbhvae.export`) for float32 features [B, D], plus
+    the binary-head logits float32 [B, M] when `with_logits`."""
+    code = model.encode(features)
+    outputs = {"bits": code["bits"], "packed": pack_bits(code["bits"]), "probs": code["probs"]}
+    if with_logits:
+        outputs["logits"] = code["logits"]
+    return outputs
+
+
+@dataclasses.dataclass
+class Backbone:
+    """An image feature extractor in front of the hash head."""
+
+    name: str
+    weights: str
+    model: object  # keras.Model float32 [B, S, S, 3] -> [B, D]
+    preprocess: object  # uint8/float RGB [B, H, W, 3] -> float32 [B, S, S, 3]
+    input_size: int  # S, pixels
+
+
+def load_backbone(name: str, weights: str, input_dim: int, input_size: int | None = None) -> Backbone:
+    """Builds a backbone of `tbhvae.data.extraction` and checks it yields input_dim features."""
+    from tbhvae.data import DataError
+    from tbhvae.data.extraction import build_backbone  # heavy (keras.applications); only when needed
+
+    try:
+        model, preprocess, output_dim = build_backbone(name, weights, input_size)
+    except DataError as err:
+        raise ExportError(f"backbone: {err}") from None
+    if output_dim != input_dim:
+        raise ExportError(f"backbone {name} gives {output_dim}-d features but the run was trained on "
+                          f"{input_dim}-d features; pass the --backbone the features were made with")
+    return Backbone(name, weights, model, preprocess, int(model.input_shape[1]))
+
+
+def run_backbone(run: TrainedRun, name: str | None = None, weights: str | None = None,
+                 input_size: int | None = None) -> Backbone | None:
+    """The backbone for the image signatures, or None.
+
+    Explicit `name`/`weights` win; otherwise the run's config backbone when the run
+    extracted its own features (config.features empty); else None (features only).
+    """
+    if name is None and run.config.features:
+        return None
+    return load_backbone(name or run.config.backbone, weights or run.config.backbone_weights,
+                         run.input_dim, input_size)
+
+
+def _signature_functions(run: TrainedRun, backbone: Backbone | None) -> dict:
+    """Name -> (function, input signature) of every exported signature except serving_default."""
+    model, dim = run.model, run.input_dim
+
+    def encode_features(features):
+        features = tf.ensure_shape(features, [None, dim], name="features")
+        return hash_outputs(model, features)
+
+    functions = {"encode_features": (encode_features, [tf.TensorSpec([None, dim], tf.float32, name="features")])}
+    if backbone is None:
+        return functions
+    size = backbone.input_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def image_codes(resized):  # traced once, shared by both image signatures
+        return hash_outputs(model, backbone.model(backbone.preprocess(resized), training=False))
+
+    def encode_images(images):
+        images = tf.ensure_shape(images, [None, None, None, 3], name="images")
+        return image_codes(tf.image.resize(tf.cast(images, tf.float32), (size, size), method="bilinear"))
+
+    def decode_one(data):
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        return tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
+
+    def encode_jpeg(encoded_jpeg):
+        encoded = tf.ensure_shape(encoded_jpeg, [None], name="encoded_jpeg")
+        return image_codes(tf.map_fn(decode_one, encoded, fn_output_signature=tf.TensorSpec([size, size, 3])))
+
+    functions["encode_images"] = (encode_images, [tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    functions["encode_jpeg"] = (encode_jpeg, [tf.TensorSpec([None], tf.string, name="encoded_jpeg")])
+    return functions
+
+
+def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, backbone: Backbone | None = None,
+                       serving_default: str = "features") -> Path:
+    """Writes `base/name/<next version>/` (TF Serving layout) and returns that path.
+
+    serving_default: "features" or "images" (needs a backbone). The version
+    directory appears atomically (see `new_version`), so a TF Serving instance
+    watching `base/name` never loads a half-written model.
+    """
+    if not name or name in (".", "..") or "/" in name or os.sep in name:
+        raise ExportError(f"--name '{name}': must be a plain directory name such as tbh_encoder")
+    if serving_default not in ("features", "images"):
+        raise ExportError(f"serving_default '{serving_default}': use features or images")
+    if serving_default == "images" and backbone is None:
+        raise ExportError("serving_default images needs a backbone: the run was trained on precomputed "
+                          "features, pass --backbone NAME --backbone_weights PATH|none")
+    functions = _signature_functions(run, backbone)
+    archive = keras.export.ExportArchive()
+    archive.track(run.model)
+    if backbone is not None:
+        archive.track(backbone.model)
+    default = "encode_features" if serving_default == "features" else "encode_images"
+    for key in sorted(functions, key=lambda k: k != default):  # the first endpoint is also serving_default
+        archive.add_endpoint(key, functions[key][0], input_signature=functions[key][1])
+
+    with new_version(Path(base) / name) as (staging, final):
+        archive.write_out(str(staging), verbose=False)
+        metadata = {"model_dir": str(run.path.resolve()), "checkpoint": run.checkpoint, "bits": run.config.bits,
+                    "input_dim": run.input_dim, "config_name": run.config.name,
+                    "serving_default": serving_default, "signatures": ["serving_default", *functions],
+                    "backbone": None if backbone is None else {
+                        "name": backbone.name, "weights": backbone.weights, "input_size": backbone.input_size}}
+        (staging / METADATA_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    return final
+
+
+# ------------------------------------------------------------------ version directories
+def next_version(model_root: str | os.PathLike) -> int:
+    """1 + the largest integer version directory under `model_root` (1 when there is none)."""
+    root = Path(model_root)
+    versions = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()] if root.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+@contextlib.contextmanager
+def new_version(root: str | os.PathLike):
+    """Yields (staging, final) for a new version directory `final` = `root/<next version>/`.
+
+    Write into the hidden `staging` (not yet created); when the block ends without
+    an error it is renamed to `final`, so readers never see a half-written version
+    and no earlier version is replaced. On an error it is removed.
+    """
+    root = Path(root)
+    version = next_version(root)
+    staging, final = root / f".{version}.partial-{os.getpid()}", root / str(version)
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging, final
+        os.rename(staging, final)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def resolve_saved_model(path: str | os.PathLike) -> Path:
+    """A SavedModel directory: `path` itself, or its highest integer version subdirectory."""
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return path
+    version = next_version(path) - 1
+    if version and (path / str(version) / "saved_model.pb").is_file():
+        return path / str(version)
+    raise ExportError(f"{path}: no SavedModel (saved_model.pb) here or in an integer version "
+                      f"subdirectory; pass a directory written by export.py")

@@ -1,0 +1,135 @@
+"""A TF Serving REST predict emulator, so tests check that exported SavedModels answer like TF Serving.
+
+`rest_predict(loaded, body)` takes the JSON body of POST /v1/models/<name>:predict and
+returns TF Serving's answer, or raises RestError where TF Serving answers HTTP 400.
+"""
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import tensorflow as tf
+
+
+class RestError(ValueError):
+    """A REST request TF Serving would reject (HTTP 400); the message names the problem."""
+
+
+def _decode_b64(value):
+    """{"b64": "..."} objects (TF Serving's binary encoding) -> bytes, recursively."""
+    if isinstance(value, dict):
+        if set(value) != {"b64"}:
+            raise RestError(f"a JSON object in a tensor value must be {{\"b64\": ...}}, got keys {sorted(value)}")
+        return base64.b64decode(value["b64"])
+    if isinstance(value, list):
+        return [_decode_b64(v) for v in value]
+    return value
+
+
+def _checked_numbers(name: str, array: np.ndarray, dtype: tf.DType) -> np.ndarray:
+    """float64 values -> `dtype`, refusing non-finite values and what the dtype cannot hold exactly."""
+    if not np.all(np.isfinite(array)):
+        raise RestError(f"input '{name}': values must be finite numbers (got null, NaN or Infinity, "
+                        f"or a number beyond float64)")
+    if dtype.is_integer:
+        if np.any(array != np.round(array)) or np.any(array < dtype.min) or np.any(array > dtype.max):
+            raise RestError(f"input '{name}': values must be integers in [{dtype.min}, {dtype.max}] "
+                            f"({dtype.name})")
+    elif np.any(np.abs(array) > np.finfo(dtype.as_numpy_dtype).max):
+        raise RestError(f"input '{name}': values beyond the {dtype.name} range")
+    return array.astype(dtype.as_numpy_dtype)
+
+
+def _to_tensor(name: str, value, spec: tf.TensorSpec) -> tf.Tensor:
+    """One input's JSON value -> a tensor of `spec`'s dtype and shape; RestError naming the input otherwise."""
+    if spec.dtype == tf.string:
+        value = _decode_b64(value)
+    try:
+        # read as float64 first, so that nulls, NaN, Infinity, overflow and fractional
+        # pixels are seen before the cast to the signature's dtype could hide them
+        array = np.asarray(value, dtype=object if spec.dtype == tf.string else np.float64)
+    except (TypeError, ValueError) as err:
+        raise RestError(f"input '{name}': cannot be read as {spec.dtype.name} ({err}); every instance "
+                        f"needs the same shape {spec.shape[1:].as_list()}") from None
+    if spec.dtype != tf.string:
+        array = _checked_numbers(name, array, spec.dtype)
+    if not spec.shape.is_compatible_with(array.shape):
+        raise RestError(f"input '{name}': expected shape {spec.shape.as_list()} (None = any), got "
+                        f"{list(array.shape)}")
+    return tf.constant(array, dtype=spec.dtype)
+
+
+def rest_predict(loaded, body: dict | str) -> dict:
+    """Runs a TF Serving REST predict request body through a loaded SavedModel.
+
+    body: {"instances": [...]} (row format: each instance is the value of the only
+    input or a dict of named inputs) or {"inputs": value or {name: value}}
+    (columnar); optional "signature_name" (default serving_default). Binary
+    strings are {"b64": "..."}. Returns what TF Serving answers:
+    {"predictions": [{output: value, ...} per instance]} for the row format,
+    {"outputs": {output: value}} for the columnar one (bare values when the
+    signature has a single output). Raises RestError where TF Serving answers
+    HTTP 400.
+    """
+    if isinstance(body, (str, bytes)):
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as err:
+            raise RestError(f"request body is not valid JSON ({err})") from None
+    if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
+        raise RestError("request body must be a JSON object with exactly one of 'instances' (row format) "
+                        "or 'inputs' (columnar format)")
+    extra = sorted(set(body) - {"instances", "inputs", "signature_name"})
+    if extra:
+        raise RestError(f"unknown request key(s) {', '.join(extra)}; a predict request has 'instances' or "
+                        f"'inputs' and optionally 'signature_name'")
+    name = body.get("signature_name", "serving_default")
+    if name not in loaded.signatures:
+        raise RestError(f"signature_name '{name}' not found; the model has {', '.join(loaded.signatures)}")
+    signature = loaded.signatures[name]
+    specs = signature.structured_input_signature[1]
+    row_format = "instances" in body
+    if row_format:
+        instances = body["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise RestError("'instances' must be a non-empty list")
+        named = all(isinstance(i, dict) and "b64" not in i for i in instances)
+        if named:
+            columns = {key: [i.get(key) for i in instances] for key in specs}
+            missing = sorted(key for key in specs if any(i.get(key) is None for i in instances))
+            if missing:
+                raise RestError(f"every instance needs the input(s) {', '.join(missing)}")
+        elif len(specs) == 1:
+            columns = {next(iter(specs)): instances}
+        else:
+            raise RestError(f"the signature has several inputs ({', '.join(specs)}); give each instance "
+                            f"as an object of named inputs")
+    else:
+        inputs = body["inputs"]
+        if isinstance(inputs, dict) and "b64" not in inputs:
+            columns = inputs
+        elif len(specs) == 1:
+            columns = {next(iter(specs)): inputs}
+        else:
+            raise RestError(f"the signature has several inputs ({', '.join(specs)}); give 'inputs' as an "
+                            f"object of named inputs")
+    unknown = sorted(set(columns) - set(specs))
+    if unknown:
+        raise RestError(f"unknown input(s) {', '.join(unknown)}; the signature takes {', '.join(specs)}")
+    tensors = {key: _to_tensor(key, columns[key], spec) for key, spec in specs.items()}
+    try:
+        outputs = {key: value.numpy() for key, value in signature(**tensors).items()}
+    except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
+        message = getattr(err, "message", str(err)).strip().splitlines()
+        raise RestError(next((line for line in message if "compatible" in line or "expected" in line),
+                             message[0] if message else type(err).__name__)) from None
+    names = sorted(outputs)
+    if row_format:
+        count = len(instances)
+        if len(names) == 1:
+            return {"predictions": [outputs[names[0]][i].tolist() for i in range(count)]}
+        return {"predictions": [{key: outputs[key][i].tolist() for key in names} for i in range(count)]}
+    if len(names) == 1:
+        return {"outputs": outputs[names[0]].tolist()}
+    return {"outputs": {key: outputs[key].tolist() for key in names}}
