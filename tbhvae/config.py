@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import importlib.util
 import inspect
 import json
@@ -214,11 +215,23 @@ def from_dict(values: dict, where: str) -> Config:
     return Config(**{k: _FIELD_TYPES[k](v) for k, v in values.items()}).validate()
 
 
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of every config shipped in the package `tbhvae.configs` (the repository's configs/)."""
+    folder = importlib.resources.files("tbhvae.configs")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
+            if entry.name.endswith(".py") and not entry.name.startswith("_")}
+
+
 def load_config(path: str | os.PathLike) -> Config:
-    """Loads a config file (`.py` with `get_config()`, or `.json`)."""
+    """Loads a config file (`.py` with `get_config()`, or `.json`), or a shipped config by name."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} not found; see configs/ for the shipped ones")
+        shipped = shipped_configs()
+        if path.name in shipped and path.name == str(path):
+            path = shipped[path.name]
+        else:
+            raise ConfigError(f"config file {path} not found; give a path or the name of a shipped config "
+                              f"({', '.join(sorted(shipped))})")
     if path.suffix == ".json":
         try:
             values = json.loads(path.read_text())

@@ -53,3 +53,21 @@ def periodic_queries(labels: np.ndarray, count: int) -> np.ndarray:
         if len(picks) >= min(count, len(labels)) // 2:
             return picks[:count]
     return np.arange(min(count, len(labels)))
+
+
+def stratified_sample(labels: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of `count` rows drawn without replacement, each class in proportion to its size.
+
+    labels: class ids [n] or multi-hot [n, C] (a row counts for its first label). Class
+    shares are rounded by largest remainder, so the sample holds exactly min(count, n) rows;
+    a class-sorted file gives every class, unlike its first `count` rows.
+    """
+    ids = labels if labels.ndim == 1 else np.argmax(labels, axis=1)
+    count = min(count, len(ids))
+    classes, sizes = np.unique(ids, return_counts=True)
+    quotas = sizes * count / len(ids)
+    takes = np.floor(quotas).astype(np.int64)
+    takes[np.argsort(takes - quotas)[:count - takes.sum()]] += 1  # largest remainders first
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.flatnonzero(ids == c), size=take, replace=False) for c, take in zip(classes, takes)]
+    return np.sort(np.concatenate(picks))

@@ -155,6 +155,11 @@ MUTATIONS = (
              "return LossTerms(actor=self.config.adversarial_weight * loss,",
              ("tests/test_models.py",), "composition",
              "the encoder helps the critics instead of fooling them"),
+    Mutation("similarity_term_rewarded", "tbhvae/bottlenecks.py",
+             "return LossTerms(actor=self.config.similarity_weight * pairs * self.config.bits / 2.0 * loss,",
+             "return LossTerms(actor=-self.config.similarity_weight * pairs * self.config.bits / 2.0 * loss,",
+             ("tests/test_learning.py",), "learn",
+             "the similarity term pushes code similarities away from the features' neighbourhoods"),
     # ---- layers ------------------------------------------------------------------------------------
     Mutation("hamming_adjacency_distance", "tbhvae/layers.py",
              "distance = ones[:, None] + ones[None, :] - 2.0 * tf.matmul(codes, codes, transpose_b=True)",

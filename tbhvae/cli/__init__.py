@@ -35,9 +35,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def run_main(main, module_name: str) -> None:
     """app.run(main) with `module_name`'s flags listed by --help and flag errors through `fail`.
 
-    absl's --help lists the flags of sys.argv[0]'s module, which is a thin
+    absl's --help lists the flags and the docstring of sys.argv[0]'s module, which is a thin
     script or a console-script launcher rather than the module defining them.
     """
     for flag in flags.FLAGS.get_flags_for_module(module_name):
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    launcher = sys.modules["__main__"]
+    if not launcher.__doc__:  # a console-script launcher: --help shows the command's own description
+        launcher.__doc__ = sys.modules[module_name].__doc__
     app.run(main, flags_parser=_parse_flags)

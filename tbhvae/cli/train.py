@@ -21,7 +21,8 @@ def define_flags() -> None:
     """Defines the flags (called by `run`, so that importing this module defines none)."""
     from tbhvae.config import describe_keys  # no TensorFlow: --help stays fast
 
-    flags.DEFINE_string("config", "configs/cifar10_tbhvae.py", "Config file (.py with get_config(), or .json).")
+    flags.DEFINE_string("config", "cifar10_tbhvae", "Config: the name of a shipped one (configs/, e.g. cifar10_tbh) "
+                        "or a file (.py with get_config(), or .json).")
     flags.DEFINE_bool("print_config", False, "Print the resolved config (file + overrides) as JSON and exit.")
     flags.DEFINE_multi_string("set", [], "Config override key=value (repeatable). Keys:\n" + describe_keys())
     flags.DEFINE_string("model_dir", None, "Run directory (default runs/<config name>_<bits>b); "

@@ -26,6 +26,7 @@ from absl import logging
 from tbhvae.checks import atomic_path, atomic_write, first_line
 from tbhvae.data.features import DataError, FeatureSet, save_features, validate
 from tbhvae.data.images import SPLITS, ImageSource, image_source
+from tbhvae.protocol import stratified_sample
 
 WEIGHTS_HINT = "pass --weights PATH to a local weights file, or precomputed features with --features FILE"
 
@@ -124,7 +125,8 @@ def extract_features(images: str, out: str | Path, backbone: str = DEFAULT_BACKB
                      input_size: int | None = None, dtype: str = "float16") -> Path:
     """Extracts features of both splits of image source `images` ("tfds:NAME" or a JPEG .npz).
 
-    limit: at most this many images of each split (the first ones). dtype: "float16" or
+    limit: at most this many images of each split, a sample stratified by class
+    (`protocol.stratified_sample`, seed 0; class-sorted files keep every class). dtype: "float16" or
     "float32", how features are stored. Resumes from `OUT.partial/` when it was written by
     the same settings. Returns the path of the written feature `.npz`.
     """
@@ -137,7 +139,7 @@ def extract_features(images: str, out: str | Path, backbone: str = DEFAULT_BACKB
     sources = {split: image_source(images, split, data_dir=data_dir, download=download) for split in SPLITS}
     model, preprocess, _ = build_backbone(backbone, weights, input_size)
     settings = dict(images=images, backbone=backbone, weights=weights, input_size=input_size,
-                    chunk_size=chunk_size, limit=limit, dtype=dtype)
+                    chunk_size=chunk_size, limit=limit, limit_sample="stratified, seed 0", dtype=dtype)
     partial = _open_partial_dir(out, settings)
     infer = tf.function(lambda batch: model(batch, training=False),
                         input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
@@ -199,11 +201,9 @@ def _extract_split(source: ImageSource, split: str, partial: Path, infer, prepro
         return
     chunk_index = _written_chunks(partial, split)
     start = chunk_index * chunk_size
-    total = source.num_examples if limit is None else (
-        min(limit, source.num_examples) if source.num_examples is not None else None)
-    images = source.dataset(start)
-    if limit is not None:
-        images = images.take(max(limit - start, 0))
+    rows = None if limit is None else stratified_sample(source.labels(), limit)
+    total = source.num_examples if rows is None else len(rows)
+    images = source.dataset(start, rows)
     batches = (images.map(lambda image, label: (preprocess(image[tf.newaxis])[0], label),
                           num_parallel_calls=tf.data.AUTOTUNE)
                .batch(batch_size).prefetch(tf.data.AUTOTUNE))

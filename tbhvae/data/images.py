@@ -41,7 +41,7 @@ LOCAL_DATA_HINT = ("pass precomputed features with --features FILE, a JPEG .npz 
 
 
 class ImageSource(abc.ABC):
-    """Labelled images of one split; `dataset(start)` yields (uint8 [H, W, 3], label)."""
+    """Labelled images of one split; `dataset(start, rows)` yields (uint8 [H, W, 3], label)."""
 
     def __init__(self, description: str, class_names: tuple[str, ...] | None, num_classes: int,
                  multi_label: bool, num_examples: int | None):
@@ -52,8 +52,27 @@ class ImageSource(abc.ABC):
         self.num_examples = num_examples  # None when unknown before reading
 
     @abc.abstractmethod
-    def dataset(self, start: int = 0) -> tf.data.Dataset:
-        """Images `start`, `start + 1`, ... in a fixed order, skipping earlier ones undecoded."""
+    def encoded(self) -> tf.data.Dataset:
+        """(encoded image bytes, label) of every example, in a fixed order, nothing decoded."""
+
+    def labels(self) -> np.ndarray:
+        """Labels of every example: int64 [n] class ids or uint8 [n, C] multi-hot (reads no image)."""
+        batches = self.encoded().map(lambda _, label: label).batch(8192).as_numpy_iterator()
+        return np.concatenate(list(batches))
+
+    def dataset(self, start: int = 0, rows: np.ndarray | None = None) -> tf.data.Dataset:
+        """(uint8 [H, W, 3], label) of examples `start`, `start + 1`, ... (of `rows`, sorted indices,
+        when given), in a fixed order; the examples before are skipped undecoded."""
+        examples = self.encoded()
+        if rows is not None:
+            keep = np.zeros(int(rows.max(initial=-1)) + 1, bool)
+            keep[rows] = True
+            last, keep = len(keep) - 1, tf.constant(keep)
+            examples = (examples.enumerate()
+                        .filter(lambda i, _: tf.logical_and(i <= last, tf.gather(keep, tf.minimum(i, last))))
+                        .map(lambda _, example: example).take(len(rows)))
+        return examples.skip(start).map(lambda data, label: (_decode(data), label),
+                                        num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _decode(encoded: tf.Tensor) -> tf.Tensor:
@@ -96,10 +115,11 @@ class JpegNpzSource(ImageSource):
                        else len(names) if names is not None else int(self._labels.max(initial=-1)) + 1)
         super().__init__(f"{path} ({split})", names, int(num_classes), multi_label, len(self._images))
 
-    def dataset(self, start: int = 0) -> tf.data.Dataset:
-        encoded = tf.data.Dataset.from_tensor_slices((self._images[start:], self._labels[start:]))
-        return encoded.map(lambda data, label: (_decode(data), label),
-                           num_parallel_calls=tf.data.AUTOTUNE)
+    def encoded(self) -> tf.data.Dataset:
+        return tf.data.Dataset.from_tensor_slices((self._images, self._labels))
+
+    def labels(self) -> np.ndarray:
+        return self._labels
 
 
 def _split_jpeg_bytes(path: Path, split: str, encoded: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -194,17 +214,14 @@ class TfdsSource(ImageSource):
         super().__init__(f"{TFDS_PREFIX}{name} ({self._split})", tuple(label_feature.names),
                          int(label_feature.num_classes), multi_label, num_examples)
 
-    def dataset(self, start: int = 0) -> tf.data.Dataset:
+    def encoded(self) -> tf.data.Dataset:
         examples = self._builder.as_dataset(split=self._split, shuffle_files=False,
                                             decoders={"image": tfds.decode.SkipDecoding()})
         if self.multi_label:
             num_classes = self.num_classes
             examples = examples.map(lambda ex: (ex["image"], _multi_hot(ex["objects"]["label"], num_classes)))
-            examples = examples.filter(lambda _, label: tf.reduce_any(label > 0))
-        else:
-            examples = examples.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
-        return examples.skip(start).map(lambda data, label: (_decode(data), label),
-                                        num_parallel_calls=tf.data.AUTOTUNE)
+            return examples.filter(lambda _, label: tf.reduce_any(label > 0))
+        return examples.map(lambda ex: (ex["image"], tf.cast(ex["label"], tf.int64)))
 
 
 def _multi_hot(class_ids: tf.Tensor, num_classes: int) -> tf.Tensor:

@@ -1,0 +1,51 @@
+"""The commands as a new user meets them: --help of every console script, configs by name from anywhere."""
+import configparser
+import importlib
+import subprocess
+import sys
+
+import pytest
+import setuptools
+
+from conftest import REPO_ROOT
+from tbhvae.config import ConfigError, load_config, shipped_configs
+
+COMMANDS = ("train", "export", "baselines", "extract", "retrieval")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_console_script_help_gives_its_description_and_flags(command):
+    module = importlib.import_module(f"tbhvae.cli.{command}")
+    # as the console-script launcher runs it: a __main__ without a docstring of its own
+    launcher = f"import sys; sys.argv = ['tbhvae-{command}', '--help']; from tbhvae.cli.{command} import run; run()"
+    result = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=300)
+    assert module.__doc__.strip().splitlines()[0] in result.stdout, result.stderr
+    assert "  --" in result.stdout  # the command's own flags are listed
+
+
+def test_shipped_configs_load_by_name_from_any_directory(tmp_path):
+    shipped = shipped_configs()
+    assert {"cifar10_tbh", "cifar10_tbhvae", "cifar10_tbhvae_paper", "cifar10_tbh_reference"} <= set(shipped)
+    for name, path in shipped.items():
+        assert path.parent == REPO_ROOT / "configs"
+        assert load_config(name) == load_config(REPO_ROOT / "configs" / f"{name}.py"), name
+    printed = subprocess.run([sys.executable, "-m", "tbhvae.cli.train", "--config", "cifar10_tbh", "--print_config"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0, printed.stderr
+    assert '"name": "cifar10_tbh"' in printed.stdout
+
+
+def test_an_unknown_config_name_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match=r"not found; give a path or the name of a shipped config \(.*cifar10_tbh,"):
+        load_config("cifar10_tbhh")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("somewhere/cifar10_tbh")  # a path is never looked up by name
+
+
+def test_setup_cfg_lists_every_package_of_the_tree():
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg")
+    listed = parser["options"]["packages"].split()
+    found = setuptools.find_packages(str(REPO_ROOT), include=["tbhvae", "tbhvae.*"])
+    assert sorted(listed) == sorted(found + ["tbhvae.configs"])
+    assert parser["options"]["package_dir"].split() == ["tbhvae.configs", "=", "configs"]
