@@ -11,12 +11,12 @@ TBH-VAE 0.46; worst bit balance 0.32 / 0.58).
 import numpy as np
 import pytest
 
+from conftest import REPO_ROOT
 from tbhvae import train
 from tbhvae.config import load_config
 from tbhvae.data import FeatureSet
 from tbhvae.evaluation import evaluate_codes
 from tbhvae.models import TwinBottleneckHashing, encode_features
-from conftest import REPO_ROOT
 
 STEPS = 500
 MARGIN = 0.15  # over the untrained model, in mAP@1000 and in full mAP

@@ -4,8 +4,10 @@
         [--tflite_dir exported/tbh_tflite]
 
 writes the SavedModel `exported/tbh/<next version>/` (TF Serving layout; signatures in
-`tbhvae.export`) and, with --tflite_dir, `float32.tflite`, `float16.tflite`,
-`dynamic.tflite` and `int8.tflite` in its own next version `<tflite_dir>/<version>/`
+`tbhvae.export`; warmup requests in its assets.extra/), the TF Serving config file
+`exported/models.config` (every model of --out) and, with --tflite_dir,
+`float32.tflite`, `float16.tflite`, `dynamic.tflite` and `int8.tflite` in its own
+next version `<tflite_dir>/<version>/`
 (so an earlier export is never replaced), with a parity report against the Keras
 model over the test features (`parity.json` next to the TFLite files, and a table on stdout).
 """
@@ -34,6 +36,8 @@ def define_flags() -> None:
     flags.DEFINE_string("backbone_weights", None, "imagenet, none or a weights file (default: the run's).")
     flags.DEFINE_integer("backbone_input_size", None, "Square backbone input side in pixels "
                          "(default: the backbone's own).")
+    flags.DEFINE_string("serving_root", "/models", "Where TF Serving sees --out (the Docker mount target); "
+                        "OUT/models.config lists each model at SERVING_ROOT/<name>.")
     flags.DEFINE_enum("serving_default", "features", ["features", "images"], "Signature served as serving_default.")
     flags.DEFINE_integer("representative_examples", 1000, "Training rows used to calibrate the int8 variant.",
                          lower_bound=1)
@@ -72,12 +76,15 @@ def main(argv):
         run = export.load_run(FLAGS.model_dir)
         backbone = export.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size)
         feature_set = parity_features(run, FLAGS.features) if FLAGS.tflite_dir else None
-        path = export.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default)
+        path = export.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default,
+                                         FLAGS.serving_root)
     except export.ExportError as err:
         fail(str(err))
     signatures = ["serving_default", "encode_features"] + (["encode_images", "encode_jpeg"] if backbone else [])
     print(f"SavedModel written to {path} (signatures: {', '.join(signatures)}; "
           f"serving_default = {FLAGS.serving_default})")
+    print(f"TF Serving: warmup requests in {path / export.WARMUP_FILE}, model config "
+          f"{path.parent.parent / export.MODELS_CONFIG_FILE} (models under {FLAGS.serving_root})")
     if not FLAGS.tflite_dir:
         return
     representative = export.representative_rows(feature_set.train_features, FLAGS.representative_examples)

@@ -4,6 +4,7 @@
               versioned layout (next_version, new_version, resolve_saved_model), ExportError
   tflite      convert_tflite and write_tflite_variants (float32, float16, dynamic-range, int8)
   parity      parity_report of exported encoders against the Keras model, as a table
+  serving     TF Serving: warmup requests (written at export), models.config, gRPC PredictRequests
 The encoders that run these files are in `tbhvae.encoders`.
 
 A SavedModel exported from a training run holds these signatures, all deterministic
@@ -37,11 +38,23 @@ from tbhvae.export.savedmodel import (
                                       resolve_saved_model,
                                       run_backbone,
 )
+from tbhvae.export.serving import (
+                                   MODELS_CONFIG_FILE,
+                                   WARMUP_FILE,
+                                   grpc_predict_request,
+                                   models_config,
+                                   prediction_log,
+                                   warmup_inputs,
+                                   write_models_config,
+                                   write_warmup_requests,
+)
 from tbhvae.export.tflite import TFLITE_VARIANTS, convert_tflite, representative_rows, write_tflite_variants
 
 __all__ = [
-    "METADATA_FILE", "OUTPUT_NAMES", "TFLITE_VARIANTS", "Backbone", "ExportError", "TrainedRun",
-    "compare_codes", "convert_tflite", "export_saved_model", "format_parity_table", "hash_outputs",
-    "load_backbone", "load_run", "new_version", "next_version", "pack_bits", "parity_report",
-    "representative_rows", "resolve_saved_model", "run_backbone", "write_tflite_variants",
+    "METADATA_FILE", "MODELS_CONFIG_FILE", "OUTPUT_NAMES", "TFLITE_VARIANTS", "WARMUP_FILE", "Backbone",
+    "ExportError", "TrainedRun", "compare_codes", "convert_tflite", "export_saved_model", "format_parity_table",
+    "grpc_predict_request", "hash_outputs", "load_backbone", "load_run", "models_config", "new_version",
+    "next_version", "pack_bits", "parity_report", "prediction_log", "representative_rows",
+    "resolve_saved_model", "run_backbone", "warmup_inputs", "write_models_config", "write_tflite_variants",
+    "write_warmup_requests",
 ]

@@ -1,7 +1,8 @@
 """SavedModel export of a training run: restore it, build the signatures, write a TF Serving version.
 
-A version directory `base/name/<N>/` holds the SavedModel and, in METADATA_FILE,
-where it came from (run, checkpoint, bits, backbone, signatures).
+A version directory `base/name/<N>/` holds the SavedModel, in METADATA_FILE where it
+came from (run, checkpoint, bits, backbone, signatures) and TF Serving's warmup requests
+(`tbhvae.export.serving.WARMUP_FILE`); `base/models.config` lists the models of `base`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import tensorflow as tf
 from tbhvae.checks import first_line
 from tbhvae.codes import num_bytes
 from tbhvae.config import Config
+from tbhvae.export.serving import warmup_inputs, write_models_config, write_warmup_requests
 from tbhvae.models import TwinBottleneckHashing
 from tbhvae.train.rundir import RunDirectory, RunDirError
 
@@ -173,12 +175,14 @@ def _signature_functions(run: TrainedRun, backbone: Backbone | None) -> dict:
 
 
 def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, backbone: Backbone | None = None,
-                       serving_default: str = "features") -> Path:
+                       serving_default: str = "features", serving_root: str = "/models") -> Path:
     """Writes `base/name/<next version>/` (TF Serving layout) and returns that path.
 
     serving_default: "features" or "images" (needs a backbone). The version
     directory appears atomically (see `new_version`), so a TF Serving instance
-    watching `base/name` never loads a half-written model.
+    watching `base/name` never loads a half-written model. It holds one warmup
+    request per signature (zeros, batch 1); `base/models.config` is then rewritten
+    to list every model of `base` at `serving_root/<name>` (where a server sees `base`).
     """
     if not name or name in (".", "..") or "/" in name or os.sep in name:
         raise ExportError(f"--name '{name}': must be a plain directory name such as tbh_encoder")
@@ -205,6 +209,9 @@ def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, back
                         "name": backbone.name, "weights": backbone.weights, "input_size": backbone.input_size}}
         (staging / METADATA_FILE).parent.mkdir(parents=True, exist_ok=True)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        examples = warmup_inputs(run.input_dim, backbone and backbone.input_size)
+        write_warmup_requests(staging, name, {"serving_default": examples[default], **examples})
+    write_models_config(base, serving_root)
     return final
 
 
