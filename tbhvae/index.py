@@ -11,6 +11,7 @@ returns identical results.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import zipfile
 import zlib
@@ -65,6 +66,26 @@ def _check_duplicates(ids: np.ndarray) -> None:
     repeated = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
     if repeated.size:
         raise ValueError(f"ids must be unique; id {repeated[0]} occurs more than once")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderProbe:
+    """Which encoder made an index's codes, told by what it does: probe inputs and its codes of them.
+
+    Every encoder of one trained model (Keras, SavedModel, float or quantised TFLite)
+    reproduces the codes up to a few flipped bits; another model of the same code
+    length agrees on about half of them.
+    """
+
+    inputs: np.ndarray  # float32 [P, D] feature rows
+    codes: np.ndarray  # 0/1 uint8 [P, M]: the encoder's codes of `inputs`
+
+    def agreement(self, codes) -> float:
+        """Fraction of bits equal between `codes` [P, M] (another encoder's codes of `inputs`) and ours."""
+        codes = check_bits(codes, "codes")
+        if codes.shape != self.codes.shape:
+            raise ValueError(f"codes: expected shape {self.codes.shape} (the probe's), got {codes.shape}")
+        return float(np.mean(codes == self.codes))
 
 
 class HammingIndex:
@@ -127,6 +148,7 @@ class HammingIndex:
         self._labels = None if labels is None else check_labels(labels, n, "labels")
         self._paths = None if paths is None else _check_paths(paths, n)
         self._faiss_index = None
+        self.encoder_probe: EncoderProbe | None = None  # set by whoever knows the encoder; saved with the index
 
     # ----------------------------------------------------------------- contents
 
@@ -270,7 +292,7 @@ class HammingIndex:
     # ------------------------------------------------------------------- files
 
     def save(self, path) -> None:
-        """Writes the index to one .npz file (packed codes, ids, bits, labels, paths)."""
+        """Writes the index to one .npz file (packed codes, ids, bits, labels, paths, encoder probe)."""
         path = Path(path)
         arrays = {
             "format": np.array(FORMAT_NAME),
@@ -283,6 +305,9 @@ class HammingIndex:
             arrays["labels"] = self._labels
         if self._paths is not None:
             arrays["paths"] = self._paths
+        if self.encoder_probe is not None:
+            arrays["probe_inputs"] = self.encoder_probe.inputs
+            arrays["probe_codes"] = self.encoder_probe.codes
         with atomic_path(path, ".partial") as partial, open(partial, "wb") as file:
             np.savez(file, **arrays)  # a file object: np.savez appends no ".npz"
 
@@ -320,8 +345,12 @@ class HammingIndex:
             raise ValueError(f"{path}: index format version {version} is newer than this "
                              f"tbhvae supports ({FORMAT_VERSION}); upgrade tbhvae")
         try:
-            return cls.from_packed(contents["packed"], bits, contents["ids"],
-                                   contents.get("labels"), contents.get("paths"),
-                                   backend=backend, workers=workers)
-        except ValueError as error:
+            index = cls.from_packed(contents["packed"], bits, contents["ids"],
+                                    contents.get("labels"), contents.get("paths"),
+                                    backend=backend, workers=workers)
+            if "probe_inputs" in contents:
+                index.encoder_probe = EncoderProbe(np.asarray(contents["probe_inputs"], np.float32),
+                                                   check_bits(contents["probe_codes"], "probe_codes"))
+        except (ValueError, KeyError) as error:
             raise ValueError(f"{path}: corrupt index file ({error})") from error
+        return index

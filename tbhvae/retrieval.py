@@ -17,6 +17,7 @@ import numpy as np
 
 from tbhvae import protocol
 from tbhvae.checks import atomic_path, atomic_write
+from tbhvae.index import EncoderProbe
 
 FRAME_QUERY = (90, 90, 90)
 FRAME_CORRECT = (0, 170, 0)
@@ -25,6 +26,9 @@ BACKGROUND = (255, 255, 255)
 HEADER = 16  # pixels of title text above the grid
 SPACING = 2  # pixels between tiles
 QUERY_GAP = 12  # extra pixels between the query column and the results
+PROBE_ROWS = 64  # database rows an index keeps to recognise its encoder (`index.EncoderProbe`)
+# The TFLite variants of one model keep >= 98% of its bits (the export parity limits); two models ~50%.
+MIN_PROBE_AGREEMENT = 0.9
 
 
 class RetrievalError(ValueError):
@@ -174,6 +178,22 @@ def encode_split(encoder_path: str, features_path: str | None, images_path: str 
     return encoder.encode_jpeg(jpeg_rows(images_path, split, rows))["bits"], labels
 
 
+def check_same_encoder(index, encoder_path: str, index_path: str) -> None:
+    """Refuses an encoder other than the one that built `index` (by its probe; no probe: no check)."""
+    probe = index.encoder_probe
+    if probe is None:
+        return
+    encoder = _encoder(encoder_path)
+    if probe.inputs.shape[1] != encoder.input_dim:
+        raise RetrievalError(f"{index_path} was built by an encoder of {probe.inputs.shape[1]}-d features but "
+                             f"{encoder_path} takes {encoder.input_dim}-d ones; use the encoder that built it")
+    agreement = probe.agreement(encoder.encode(probe.inputs)["bits"])
+    if agreement < MIN_PROBE_AGREEMENT:
+        raise RetrievalError(f"{index_path} was built by another encoder: on its {len(probe.inputs)} probe rows "
+                             f"{encoder_path} agrees on {agreement:.0%} of the bits (the same model in any "
+                             f"format: >= {MIN_PROBE_AGREEMENT:.0%}); rebuild the index with this encoder")
+
+
 def build(encoder: str, features: str | None, images: str | None, index_path: str):
     """Encodes the train split and saves a HammingIndex (ids = rows, with labels) to `index_path`."""
     from tbhvae.index import HammingIndex
@@ -181,6 +201,9 @@ def build(encoder: str, features: str | None, images: str | None, index_path: st
     start = time.perf_counter()
     codes, labels = encode_split(encoder, features, images, "train")
     index = HammingIndex(codes, labels=labels)
+    if features:  # built from features: remember which encoder made the codes
+        rows = np.sort(np.random.default_rng(0).choice(len(codes), min(PROBE_ROWS, len(codes)), replace=False))
+        index.encoder_probe = EncoderProbe(_feature_set(features).train_features[rows], codes[rows])
     Path(index_path).parent.mkdir(parents=True, exist_ok=True)
     index.save(index_path)
     print(f"indexed {len(index)} codes of {index.bits} bits in {time.perf_counter() - start:.1f} s "
@@ -197,6 +220,7 @@ def query(encoder: str, features: str | None, images: str | None, index_path: st
         index = HammingIndex.load(index_path)
     except (OSError, ValueError) as err:
         raise RetrievalError(f"--index: {err}") from None
+    check_same_encoder(index, encoder, index_path)
     rows = None if not num_queries else np.arange(num_queries)
     codes, labels = encode_split(encoder, features, images, "test", rows)
     if codes.shape[1] != index.bits:
@@ -238,6 +262,7 @@ def draw(encoder: str, features: str | None, images: str, index_path: str, figur
     from tbhvae.index import HammingIndex
 
     index = HammingIndex.load(index_path)
+    check_same_encoder(index, encoder, index_path)
     if index.labels is None:
         raise RetrievalError(f"{index_path}: the index has no labels, so results cannot be marked right or wrong")
     if image_count(images, "train") != len(index) or index.ids.min() < 0 or index.ids.max() >= len(index):

@@ -8,7 +8,7 @@ import tbhvae.codes as codes_module
 import tbhvae.index as index_module
 import tbhvae.search as search_module
 from tbhvae.codes import pack_codes
-from tbhvae.index import HammingIndex
+from tbhvae.index import EncoderProbe, HammingIndex
 
 HAS_FAISS = importlib.util.find_spec("faiss") is not None
 BACKENDS = ["numpy", pytest.param("faiss", marks=pytest.mark.skipif(
@@ -274,3 +274,22 @@ def test_empty_index_returns_empty_results():
     distances, ids = index.search(random_codes(3, 16, seed=34), 10)
     assert distances.shape == ids.shape == (3, 0)
     assert [len(d) for d, _ in index.radius_search(random_codes(2, 16, seed=35), 16)] == [0, 0]
+
+
+def test_the_encoder_probe_is_saved_and_compared(tmp_path):
+    rng = np.random.default_rng(5)
+    codes = rng.integers(0, 2, (50, 12), dtype=np.uint8)
+    index = HammingIndex(codes)
+    index.encoder_probe = EncoderProbe(rng.normal(size=(8, 6)).astype(np.float32), codes[:8])
+    index.save(tmp_path / "i.npz")
+    loaded = HammingIndex.load(tmp_path / "i.npz")
+    np.testing.assert_array_equal(loaded.encoder_probe.inputs, index.encoder_probe.inputs)
+    np.testing.assert_array_equal(loaded.encoder_probe.codes, codes[:8])
+    flipped = codes[:8].copy()
+    flipped[:, :3] ^= 1
+    assert loaded.encoder_probe.agreement(codes[:8]) == 1.0
+    assert loaded.encoder_probe.agreement(flipped) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="the probe's"):
+        loaded.encoder_probe.agreement(codes[:4])
+    HammingIndex(codes).save(tmp_path / "plain.npz")
+    assert HammingIndex.load(tmp_path / "plain.npz").encoder_probe is None

@@ -117,6 +117,24 @@ def test_build_query_and_figure(data, tmp_path):
     assert "retrieval/examples" in tags
 
 
+def test_an_index_refuses_an_encoder_other_than_the_one_that_built_it(data, tmp_path):
+    index_path = tmp_path / "index.npz"
+    retrieval.build(data["saved_model"], data["features"], None, str(index_path))
+    probe = HammingIndex.load(index_path).encoder_probe
+    assert probe.inputs.shape == (64, 24) and probe.codes.shape == (64, 16)
+    # the same model in another format (the training run's Keras model) is accepted
+    retrieval.query(str(data["folder"] / "run"), data["features"], None, str(index_path), 5, 4, None, 0, False)
+    other_config = data["run"].config.replace(seed=7, steps=10)
+    train.train(other_config, tmp_path / "other", strategy=tf.distribute.get_strategy(),
+                feature_set=data["feature_set"])
+    with pytest.raises(retrieval.RetrievalError, match=r"built by another encoder: on its 64 probe rows .* agrees on "
+                                                       r"\d+% of the bits"):
+        retrieval.query(str(tmp_path / "other"), data["features"], None, str(index_path), 5, 4, None, 0, False)
+    with pytest.raises(retrieval.RetrievalError, match="built by another encoder"):
+        retrieval.draw(str(tmp_path / "other"), data["features"], data["images"], str(index_path),
+                       str(tmp_path / "f.png"), rows=2, k=3, cell=16, seed=0, logdir=None)
+
+
 def test_figure_needs_aligned_images(data, tmp_path):
     index_path = tmp_path / "index.npz"
     retrieval.build(data["saved_model"], data["features"], None, str(index_path))
