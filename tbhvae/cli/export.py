@@ -31,9 +31,11 @@ def define_flags() -> None:
                         "TFLITE_DIR/<next version>/.")
     flags.DEFINE_string("features", None, "Feature .npz for int8 calibration (train split) and the parity "
                         "report (test split); default: the run's config.features.")
-    flags.DEFINE_string("backbone", None, "Add image signatures with this backbone (default: the run's "
-                        "backbone when it extracted its own features).")
+    flags.DEFINE_string("backbone", None, "Add image signatures with this backbone (default: the extractor "
+                        "recorded for the run's features, when known).")
     flags.DEFINE_string("backbone_weights", None, "imagenet, none or a weights file (default: the run's).")
+    flags.DEFINE_bool("allow_backbone_mismatch", False, "Export image signatures with a --backbone other than the "
+                      "extractor recorded for the run's features (experts: e.g. a backbone with compatible features).")
     flags.DEFINE_integer("backbone_input_size", None, "Square backbone input side in pixels "
                          "(default: the backbone's own).")
     flags.DEFINE_string("serving_root", "/models", "Where TF Serving sees --out (the Docker mount target); "
@@ -74,7 +76,8 @@ def main(argv):
 
     try:
         run = export.load_run(FLAGS.model_dir)
-        backbone = export.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size)
+        backbone = export.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size,
+                                       FLAGS.allow_backbone_mismatch)
         feature_set = parity_features(run, FLAGS.features) if FLAGS.tflite_dir else None
         path = export.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default,
                                          FLAGS.serving_root)

@@ -147,8 +147,9 @@ def extract_features(images: str, out: str | Path, backbone: str = DEFAULT_BACKB
         _extract_split(source, split, partial, infer, preprocess, batch_size, chunk_size, limit, dtype)
     (train_features, train_labels), (test_features, test_labels) = (
         _read_chunks(partial, split) for split in SPLITS)
+    extractor = {"backbone": backbone, "weights": weights, "input_size": input_size}
     feature_set = validate(FeatureSet(train_features, train_labels, test_features, test_labels,
-                                      sources["train"].class_names), where=str(out))
+                                      sources["train"].class_names, extractor), where=str(out))
     save_features(out, feature_set, dtype=np.dtype(dtype))
     shutil.rmtree(partial)
     logging.info("wrote %s: %d train and %d test features of dim %d", out, len(train_features),

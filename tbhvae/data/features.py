@@ -6,10 +6,13 @@ Format (one `.npz` file, see README "Your own features"):
   test_features   float [Q, D]   query features
   test_labels     like train_labels, [Q] or [Q, C]
   class_names     str [C]        optional
+  extractor       str []         optional: JSON {"backbone", "weights", "input_size"} of the
+                                 extractor that made the features (written by tbhvae-extract)
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import zipfile
 from pathlib import Path
@@ -34,6 +37,7 @@ class FeatureSet:
     test_features: np.ndarray  # float32 [Q, D]
     test_labels: np.ndarray  # int64 [Q] or uint8 [Q, C]
     class_names: tuple[str, ...] | None = None
+    extractor: dict | None = None  # {"backbone", "weights", "input_size"} that made the features; None: unknown
 
     @property
     def multi_label(self) -> bool:
@@ -83,7 +87,7 @@ def validate(feature_set: FeatureSet, where: str = "features") -> FeatureSet:
                         f"{test_labels.shape} use different label formats")
     names = feature_set.class_names
     return FeatureSet(train, train_labels, test, test_labels,
-                      tuple(str(n) for n in names) if names is not None else None)
+                      tuple(str(n) for n in names) if names is not None else None, feature_set.extractor)
 
 
 def load_features(path: str | os.PathLike) -> FeatureSet:
@@ -100,12 +104,13 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
                                 f"{', '.join(data.files) or 'nothing'}); expected {', '.join(REQUIRED_KEYS)}")
             arrays = {k: data[k] for k in REQUIRED_KEYS}
             names = tuple(data["class_names"].tolist()) if "class_names" in data.files else None
+            extractor = json.loads(str(data["extractor"])) if "extractor" in data.files else None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:  # json errors are ValueErrors
         raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); "
                         f"the file may be truncated or corrupt, recreate it") from None
-    return validate(FeatureSet(**arrays, class_names=names), where=str(path))
+    return validate(FeatureSet(**arrays, class_names=names, extractor=extractor), where=str(path))
 
 
 def save_features(path: str | os.PathLike, feature_set: FeatureSet, dtype=np.float32) -> Path:
@@ -117,6 +122,8 @@ def save_features(path: str | os.PathLike, feature_set: FeatureSet, dtype=np.flo
     arrays["test_features"] = np.asarray(arrays["test_features"], dtype=dtype)
     if feature_set.class_names is not None:
         arrays["class_names"] = np.asarray(feature_set.class_names, dtype=str)
+    if feature_set.extractor is not None:
+        arrays["extractor"] = np.asarray(json.dumps(feature_set.extractor, sort_keys=True))
     with atomic_path(path, ".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
     return path

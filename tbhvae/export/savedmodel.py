@@ -42,6 +42,7 @@ class TrainedRun:
     input_dim: int
     checkpoint: str
     model: TwinBottleneckHashing
+    extractor: dict | None = None  # {"backbone", "weights", "input_size"} that made the features; None: unknown
 
 
 def load_run(model_dir: str | os.PathLike) -> TrainedRun:
@@ -76,7 +77,7 @@ def load_run(model_dir: str | os.PathLike) -> TrainedRun:
     except (AssertionError, ValueError, tf.errors.OpError) as err:
         raise ExportError(f"{checkpoint}: does not match the model of {run_dir.config_path} "
                           f"({first_line(err)})") from None
-    return TrainedRun(path, config, input_dim, checkpoint, model)
+    return TrainedRun(path, config, input_dim, checkpoint, model, run_dir.extractor())
 
 
 # ------------------------------------------------------------------ signatures
@@ -128,12 +129,24 @@ def load_backbone(name: str, weights: str, input_dim: int, input_size: int | Non
 
 
 def run_backbone(run: TrainedRun, name: str | None = None, weights: str | None = None,
-                 input_size: int | None = None) -> Backbone | None:
-    """The backbone for the image signatures, or None.
+                 input_size: int | None = None, allow_mismatch: bool = False) -> Backbone | None:
+    """The backbone for the image signatures, or None (features only).
 
-    Explicit `name`/`weights` win; otherwise the run's config backbone when the run
-    extracted its own features (config.features empty); else None (features only).
+    By default the extractor that made the run's features, when the run records it
+    (feature files of tbhvae-extract, runs that extracted their own); for older runs
+    the config's backbone when the run extracted its own features. An explicit
+    `name` other than the recorded extractor is refused (ExportError) unless
+    `allow_mismatch`: its image codes would hash features the model never saw.
     """
+    known = run.extractor
+    if name is not None and known is not None and name != known["backbone"] and not allow_mismatch:
+        raise ExportError(f"--backbone {name}: the run was trained on {known['backbone']} features "
+                          f"(weights {known['weights']}); image signatures with another backbone would hash "
+                          f"features the model never saw; use --backbone {known['backbone']} (or leave it out), "
+                          f"or pass --allow_backbone_mismatch")
+    if name is None and known is not None:
+        return load_backbone(known["backbone"], weights or known["weights"], run.input_dim,
+                             input_size or known["input_size"])
     if name is None and run.config.features:
         return None
     return load_backbone(name or run.config.backbone, weights or run.config.backbone_weights,

@@ -89,7 +89,7 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
         distribute.check_same_start(strategy, start_step)
     if chief:
         try:
-            run.write_config(config, feature_set.dim, len(feature_set.train_features))
+            run.write_config(config, feature_set.dim, len(feature_set.train_features), feature_set.extractor)
         except OSError as err:
             raise run.cannot_write(err) from None
     checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")

@@ -4,6 +4,7 @@
   .tbhvae-lock    flock-ed by the one trainer writing here (names it); removed when it ends
   config.json     the resolved config (written before training starts)
   data.json       the features' input_dim and dataset_size (the model needs both to be rebuilt)
+                  and, when the feature file records it, the extractor that made them
   checkpoints/    tf.train.CheckpointManager: model, optimisers, GECO state and the
                   run's totals (training time, mAP history, last loss terms)
   logs/           TensorBoard event files (scalars, histograms, images, hparams)
@@ -80,6 +81,13 @@ class RunDirectory:
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             raise ValueError(f"{self.path}: data.json is missing or lacks input_dim/dataset_size") from None
 
+    def extractor(self) -> dict | None:
+        """The feature extractor recorded in data.json ({"backbone", "weights", "input_size"}), None if unknown."""
+        try:
+            return json.loads(self.data_path.read_text()).get("extractor")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            return None
+
     def saved_metrics(self) -> dict | None:
         """metrics.json as written by the final evaluation, None when the run has not finished."""
         if not self.metrics_path.is_file():
@@ -101,13 +109,14 @@ class RunDirectory:
                 raise DataError(f"features have dimension {input_dim} but the run in {self.path} was "
                                 f"trained on {saved_dim}-d features; use matching features or --fresh")
 
-    def write_config(self, config: Config, input_dim: int, dataset_size: int) -> None:
+    def write_config(self, config: Config, input_dim: int, dataset_size: int, extractor: dict | None = None) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         if not (self.path / MARKER).is_file():
             atomic_write(self.path / MARKER, "a tbhvae training run: train.py --fresh deletes only the files "
                                               "tbhvae wrote here\n")
         atomic_write(self.config_path, config.to_json())
-        atomic_write(self.data_path, json.dumps({"input_dim": input_dim, "dataset_size": dataset_size}))
+        atomic_write(self.data_path, json.dumps({"input_dim": input_dim, "dataset_size": dataset_size,
+                                                 "extractor": extractor}))
 
     def cannot_write(self, err: OSError) -> ConfigError:
         return ConfigError(f"--model_dir {self.path}: cannot write there ({err.strerror or err}); "
