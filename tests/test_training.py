@@ -326,3 +326,35 @@ def test_final_evaluation_writes_bit_statistics_and_a_tensorboard_pr_curve(tmp_p
     for tag in ("bits/balance", "bits/min_balance", "bits/distinct_codes", "bits/mean_activation"):
         assert any(step == 10 for step, _ in tags[tag]), tag
     assert tags["final/pr_by_hamming_radius/pr_curves"] == {(10, "pr_curves")}
+    # the projector: a class-stratified sample of the database codes (all 512 here) as +-1 vectors, labelled
+    from google.protobuf import text_format
+    from tensorboard.plugins import projector
+    folder = tmp_path / "logs" / "projector"
+    config_proto = text_format.Parse((folder / "projector_config.pbtxt").read_text(), projector.ProjectorConfig())
+    entry = config_proto.embeddings[0]
+    assert entry.metadata_path == "metadata.tsv" and not entry.sprite.image_path  # features only: no thumbnails
+    embedding = tf.train.load_variable(tf.train.latest_checkpoint(str(folder)), "embedding/.ATTRIBUTES/VARIABLE_VALUE")
+    assert embedding.shape == (512, 8) and set(np.unique(embedding)) <= {-1.0, 1.0}
+    assert sorted((folder / "metadata.tsv").read_text().split()) == sorted(str(y) for y in features.train_labels)
+
+
+def test_the_projector_sprite_holds_each_sampled_rows_thumbnail(tmp_path):
+    from PIL import Image
+
+    from tbhvae.train.projector import THUMBNAIL, write_projector
+    from test_retrieval import write_jpeg_npz
+    colours = np.array([[250, 0, 0], [0, 250, 0], [0, 0, 250]], np.uint8)
+    labels = np.repeat(np.arange(3), 4)  # class-sorted, as the CIFAR files
+    files = [tf.io.encode_jpeg(np.full((16, 16, 3), colours[y], np.uint8), quality=100).numpy() for y in labels]
+    write_jpeg_npz(tmp_path / "images.npz", {"train": (files, labels), "test": (files[:2], labels[:2])})
+    codes = np.eye(12, 5, dtype=np.uint8)
+    folder = write_projector(tmp_path / "projector", codes, labels, ("red", "green", "blue"),
+                             str(tmp_path / "images.npz"))
+    assert (folder / "metadata.tsv").read_text().split() == ["red"] * 4 + ["green"] * 4 + ["blue"] * 4
+    with Image.open(folder / "sprite.png") as sprite:
+        pixels = np.asarray(sprite.convert("RGB"))
+    assert pixels.shape == (4 * THUMBNAIL, 4 * THUMBNAIL, 3)  # 12 thumbnails on a 4 x 4 grid, row-major
+    for position, y in enumerate(labels):
+        top, left = (position // 4) * THUMBNAIL, (position % 4) * THUMBNAIL
+        centre = pixels[top + THUMBNAIL // 2, left + THUMBNAIL // 2].astype(int)
+        assert np.abs(centre - colours[y]).max() < 30, position

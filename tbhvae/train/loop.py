@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -30,6 +31,7 @@ from tbhvae.models import TwinBottleneckHashing, encode_features
 from tbhvae.protocol import select_queries
 from tbhvae.train import distribute
 from tbhvae.train.monitor import EMPTY_TOTALS, TrainingMonitor, stop_on_sigterm, write_final_summaries, write_hparams
+from tbhvae.train.projector import write_projector
 from tbhvae.train.rundir import RunDirectory, TrainingError
 
 
@@ -150,7 +152,8 @@ def _fit_and_evaluate(config: Config, run: RunDirectory, strategy: tf.distribute
 
     so_far = monitor.totals()  # before the evaluation: train_seconds counts training only
     evaluation_started = time.perf_counter()
-    metrics = final_evaluation(model, feature_set, config, writer, int(actor.iterations.numpy()))
+    metrics = final_evaluation(model, feature_set, config, writer, int(actor.iterations.numpy()),
+                               projector_dir=run.logs / "projector" if chief else None)
     metrics.update(
         train_seconds=so_far["train_seconds"],
         evaluation_seconds=time.perf_counter() - evaluation_started,
@@ -171,8 +174,10 @@ def _fit_and_evaluate(config: Config, run: RunDirectory, strategy: tf.distribute
     return metrics
 
 
-def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, step: int) -> dict:
-    """q10k (or q1k) protocol with curves; logs scalars and the PR plot at `step`."""
+def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, step: int,
+                     projector_dir: Path | None = None) -> dict:
+    """q10k (or q1k) protocol with curves; logs scalars and the PR plot at `step` and, with
+    `projector_dir`, a sample of the database codes for TensorBoard's projector."""
     queries = select_queries(feature_set.test_labels, config.final_eval_queries)
     db_codes = encode_features(model, feature_set.train_features)
     query_codes = encode_features(model, feature_set.test_features[queries])
@@ -186,6 +191,11 @@ def final_evaluation(model, feature_set: FeatureSet, config: Config, writer, ste
         print(f"warning: {warning}", file=sys.stderr)
     title = f"{config.name}, {config.bits} bits, step {step}"
     write_final_summaries(writer, metrics, db_codes, statistics, title, step)
+    if projector_dir is not None:
+        # features extracted from a JPEG .npz by this run are aligned with its images: thumbnails
+        images = config.images if not config.features and not config.images.startswith("tfds:") else None
+        write_projector(projector_dir, db_codes, feature_set.train_labels, feature_set.class_names, images,
+                        config.seed)
     return metrics
 
 
