@@ -307,3 +307,22 @@ def test_offline_download_fails_fast_and_every_suggested_flag_parses(tmp_path, m
         result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), f"{flag}={value}", "--print_config"],
                                 cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
         assert "Unknown command line flag" not in result.stderr, (flag, result.stderr)
+
+
+def test_fresh_clears_the_projector_files_and_keeps_foreign_ones(tmp_path):
+    run = rundir.RunDirectory(tmp_path)
+    run.write_config(Config(name="t", **SMALL), 24, 512)
+    projector = tmp_path / "logs" / "projector"
+    projector.mkdir(parents=True)
+    ours = ["projector_config.pbtxt", "metadata.tsv", "sprite.png", "checkpoint", "embedding-1.index",
+            "embedding-1.data-00000-of-00001"]
+    for name in ours + ["notes.txt"]:
+        (projector / name).write_text("x")
+    run.clear()
+    assert sorted(p.name for p in projector.iterdir()) == ["notes.txt"]
+    (projector / "notes.txt").unlink()
+    run.write_config(Config(name="t", **SMALL), 24, 512)
+    for name in ours:
+        (projector / name).write_text("x")
+    run.clear()
+    assert not (tmp_path / "logs").exists()

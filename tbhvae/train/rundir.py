@@ -51,6 +51,8 @@ _RUN_FILES = (MARKER, "config.json", "data.json", "metrics.json")
 _CHECKPOINT_ENTRY = re.compile(r"checkpoint(\.tmp[0-9a-f]+)?|ckpt-\d+(\.index|\.data-\d{5}-of-\d{5}|_temp.*)")
 _PARTIAL_SAVE = re.compile(r"checkpoint\.tmp[0-9a-f]+|ckpt-\d+_temp.*")
 _EVENTS_FILE = re.compile(r"events\.out\.tfevents\..+")
+_PROJECTOR_FILE = re.compile(r"projector_config\.pbtxt|metadata\.tsv|sprite\.png|checkpoint|"
+                             r"embedding-\d+(\.index|\.data-\d{5}-of-\d{5})")
 
 
 class RunDirectory:
@@ -172,8 +174,9 @@ class RunDirectory:
         where tbhvae keeps a directory (never looked into)."""
         found = [p for name in _RUN_FILES for p in (self.path / name, self.path / f"{name}.tmp")
                  if os.path.lexists(p)]
-        for chain, pattern in (((self.checkpoints,), _CHECKPOINT_ENTRY), ((self.logs, self.logs / "train"),
-                                                                          _EVENTS_FILE)):
+        for chain, pattern in (((self.checkpoints,), _CHECKPOINT_ENTRY),
+                               ((self.logs, self.logs / "train"), _EVENTS_FILE),
+                               ((self.logs, self.logs / "projector"), _PROJECTOR_FILE)):
             link = next((d for d in chain if d.is_symlink()), None)
             if link is not None:
                 found.append(link)
@@ -199,7 +202,7 @@ class RunDirectory:
                               f"nothing deleted: remove the link yourself or use another --model_dir")
         for entry in entries:
             _remove(entry)
-        for directory in (self.logs / "train", self.logs, self.checkpoints):
+        for directory in (self.logs / "train", self.logs / "projector", self.logs, self.checkpoints):
             if directory.is_dir() and not any(directory.iterdir()):
                 directory.rmdir()
 
