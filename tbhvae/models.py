@@ -84,8 +84,12 @@ class TwinBottleneckHashing(keras.Model):
         self.input_dim = input_dim
         self.dataset_size = dataset_size
         # one attribute per role (not a list), so that tf.train.Checkpoint tracks every term's state
-        for role, term in bottlenecks.build_terms(config, input_dim, dataset_size).items():
-            setattr(self, role, term)
+        terms = bottlenecks.build_terms(config, input_dim, dataset_size)
+        self.reconstruction = terms["reconstruction"]
+        self.binary_bottleneck = terms["binary_bottleneck"]
+        self.continuous_bottleneck = terms["continuous_bottleneck"]
+        self.similarity = terms["similarity"]  # None when similarity_weight = 0
+        self.decorrelation = terms["decorrelation"]  # None when decorrelation_weight = 0
         self.encoder = Encoder(config, input_dim, *self.continuous_bottleneck.head(), name="encoder")
         self.graph_convolution = tbh_layers.GraphConvolution(config.continuous_dim, name="graph_convolution")
         self.decoder = Decoder(config, input_dim, name="decoder")
