@@ -1,4 +1,8 @@
-"""Backbone feature extraction on real CIFAR-10 / COCO JPEGs, with random (offline) weights."""
+"""Backbone feature extraction on CIFAR-10 / COCO JPEGs, with random (offline) weights.
+
+The JPEG files are the real ones of ../shared/data where present and synthetic files of the
+same layout otherwise (fixtures `cifar_jpeg`, `coco_jpeg` in conftest), so all of this runs in CI.
+"""
 import os
 import subprocess
 import sys
@@ -14,17 +18,10 @@ import tensorflow_datasets as tfds
 from tbhvae.data import extraction
 from tbhvae.data.extraction import build_backbone, cache_path, extract_features, features_for
 from tbhvae.data.features import DataError, load_features
+from tbhvae.protocol import stratified_sample
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(backbone="resnet50", input_size=64)  # avg-pooled 2048-d, fast at 64x64
-
-
-def shared(name: str) -> Path:
-    path = DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} not available")
-    return path
 
 
 def jpeg_subset(source: Path, picks: dict, out: Path) -> Path:
@@ -42,12 +39,21 @@ def jpeg_subset(source: Path, picks: dict, out: Path) -> Path:
     return out
 
 
+def jpeg_files(path: Path, split: str) -> list[bytes]:
+    """The JPEG files of one split of a JPEG .npz, in order."""
+    with np.load(path) as data:
+        encoded, offsets = data[f"{split}_bytes"], data[f"{split}_offsets"]
+        return [encoded[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])]
+
+
 @pytest.fixture(scope="module")
-def cifar_24(tmp_path_factory):
-    """12 train + 12 test real CIFAR-10 images spread over the classes."""
+def cifar_24(tmp_path_factory, cifar_jpeg):
+    """12 train + 12 test CIFAR-10 images spread over the classes (the files are sorted by class)."""
     out = tmp_path_factory.mktemp("cifar") / "cifar24.npz"
-    picks = {"train": np.arange(12) * 4001, "test": np.arange(12) * 801}
-    return jpeg_subset(shared("cifar10_jpeg.npz"), picks, out)
+    with np.load(cifar_jpeg) as data:
+        sizes = {split: len(data[f"{split}_labels"]) for split in ("train", "test")}
+    picks = {split: np.linspace(0, size - 1, 12).round().astype(int) for split, size in sizes.items()}
+    return jpeg_subset(cifar_jpeg, picks, out)
 
 
 def tiny_cnn(weights=None, include_top=False, pooling="avg", input_shape=(24, 24, 3)):
@@ -87,49 +93,68 @@ def test_cifar_features_match_direct_backbone_output(tmp_path, cifar_24, resnet_
     features = load_features(out)
     with np.load(cifar_24) as data:
         train_labels, names = data["train_labels"], data["class_names"]
-        first = data["test_bytes"][:data["test_offsets"][1]].tobytes()
     assert features.train_features.shape == (12, 2048) and features.test_features.shape == (12, 2048)
     np.testing.assert_array_equal(features.train_labels, train_labels)
+    assert len(set(train_labels.tolist())) >= 8  # the picks span the classes
     assert features.class_names == tuple(names) and not features.multi_label
     assert not (tmp_path / "f.npz.partial").exists()
     model, preprocess, _ = build_backbone("resnet50", resnet_weights, 64)
-    direct = model(preprocess(tf.io.decode_jpeg(first, channels=3)[tf.newaxis])).numpy()[0]
-    np.testing.assert_allclose(features.test_features[0], direct, rtol=1e-4, atol=1e-4)
-    assert np.abs(features.test_features[1] - direct).max() > 1e-3  # rows are distinct images
+    for split, extracted in (("train", features.train_features), ("test", features.test_features)):
+        images = tf.stack([tf.io.decode_jpeg(jpeg, channels=3) for jpeg in jpeg_files(cifar_24, split)])
+        direct = model(preprocess(images)).numpy()  # every row is its own image, in order
+        np.testing.assert_allclose(extracted, direct, rtol=1e-4, atol=1e-4, err_msg=split)
+    assert np.abs(features.test_features[1] - features.test_features[0]).max() > 1e-3  # distinct images
 
 
-def test_coco_variable_size_images_keep_multi_hot_labels(tmp_path, tiny):
-    path = jpeg_subset(shared("coco_mini.npz"), {"train": np.arange(10), "test": np.arange(6)},
-                       tmp_path / "coco16.npz")
+def test_coco_variable_size_images_keep_multi_hot_labels(tmp_path, coco_jpeg, tiny):
+    path = jpeg_subset(coco_jpeg, {"train": np.arange(10), "test": np.arange(6)}, tmp_path / "coco16.npz")
     out = extract_features(str(path), tmp_path / "coco.npz", batch_size=4, **tiny)
     with np.load(out) as raw:
         assert raw["train_features"].dtype == np.float16
     features = load_features(out)
     with np.load(path) as data:
+        np.testing.assert_array_equal(features.train_labels, data["train_labels"])
         np.testing.assert_array_equal(features.test_labels, data["test_labels"])
+        assert (data["train_labels"].sum(axis=1) > 1).any()  # some images have several labels
     assert features.multi_label and features.train_labels.shape == (10, 80)
+    assert features.train_labels.dtype == np.uint8
     assert features.train_features.shape == (10, 16) and len(features.class_names) == 80
+    # each image is resized on its own (sizes differ), so batching must not mix them up
+    model, preprocess, _ = build_backbone("tiny", "none")
+    images = [tf.io.decode_jpeg(jpeg, channels=3) for jpeg in jpeg_files(path, "train")]
+    assert len({tuple(image.shape) for image in images}) > 1
+    direct = np.concatenate([model(preprocess(image[tf.newaxis])).numpy() for image in images])
+    np.testing.assert_allclose(features.train_features, direct.astype(np.float16), rtol=2e-3, atol=1e-4)
 
 
-def test_crash_after_first_chunk_resumes_and_matches_uninterrupted(tmp_path, monkeypatch, cifar_24, tiny):
+@pytest.mark.parametrize("crash_at, resumed_chunks", [
+    (1, ["train-00001.npz", "test-00000.npz", "test-00001.npz"]),  # within the train split
+    (3, ["test-00001.npz"]),  # within the test split: the done train split is not redone
+])
+def test_crash_mid_extraction_resumes_and_matches_uninterrupted(tmp_path, monkeypatch, cifar_24, tiny,
+                                                                  crash_at, resumed_chunks):
     settings = dict(batch_size=4, chunk_size=8, **tiny)
     reference = load_features(extract_features(str(cifar_24), tmp_path / "ref.npz", **settings))
+    rows = np.concatenate([reference.train_features, reference.test_features]).astype(np.float32)
+    close = np.all(np.abs(rows[:, None] - rows[None]) <= 1e-6 + 1e-3 * np.abs(rows[None]), axis=-1)
+    assert close.sum() == len(rows)  # no two images alike within the tolerance: a wrong resume would show
 
     written = []
     real_write = extraction._write_chunk
 
-    def crash_after_first(path, features, labels):
-        if written:
+    def crash_at_chunk(path, features, labels):
+        if len(written) == crash_at:
             raise RuntimeError("simulated crash")
         written.append(path.name)
         real_write(path, features, labels)
 
-    monkeypatch.setattr(extraction, "_write_chunk", crash_after_first)
+    monkeypatch.setattr(extraction, "_write_chunk", crash_at_chunk)
     out = tmp_path / "resumed.npz"
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_features(str(cifar_24), out, **settings)
-    assert written == ["train-00000.npz"] and not out.exists()
-    assert (tmp_path / "resumed.npz.partial" / "train-00000.npz").is_file()
+    chunks = ["train-00000.npz", "train-00001.npz", "test-00000.npz", "test-00001.npz"]
+    assert written == chunks[:crash_at] and not out.exists()
+    assert all((tmp_path / "resumed.npz.partial" / name).is_file() for name in written)
 
     rewritten = []
 
@@ -139,10 +164,12 @@ def test_crash_after_first_chunk_resumes_and_matches_uninterrupted(tmp_path, mon
 
     monkeypatch.setattr(extraction, "_write_chunk", record)
     resumed = load_features(extract_features(str(cifar_24), out, **settings))
-    assert rewritten == ["train-00001.npz", "test-00000.npz", "test-00001.npz"]
+    assert rewritten == resumed_chunks
+    assert not (tmp_path / "resumed.npz.partial").exists()
     np.testing.assert_allclose(resumed.train_features, reference.train_features, rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(resumed.test_features, reference.test_features, rtol=1e-3, atol=1e-6)
     np.testing.assert_array_equal(resumed.train_labels, reference.train_labels)
+    np.testing.assert_array_equal(resumed.test_labels, reference.test_labels)
 
 
 def test_partial_dir_of_other_settings_is_discarded(tmp_path, cifar_24, tiny):
@@ -155,22 +182,39 @@ def test_partial_dir_of_other_settings_is_discarded(tmp_path, cifar_24, tiny):
     assert features.dim == 16 and len(features.train_features) == 12
 
 
-def test_limit_takes_first_images_of_each_split(tmp_path, cifar_24, tiny):
-    out = extract_features(str(cifar_24), tmp_path / "f.npz", limit=5, **tiny)
-    features = load_features(out)
-    with np.load(cifar_24) as data:
-        np.testing.assert_array_equal(features.test_labels, data["test_labels"][:5])
-    assert len(features.train_features) == 5
+def test_limit_takes_a_stratified_sample_of_each_split(tmp_path, cifar_24, tiny):
+    limited = load_features(extract_features(str(cifar_24), tmp_path / "f.npz", limit=5, **tiny))
+    full = load_features(extract_features(str(cifar_24), tmp_path / "full.npz", **tiny))
+    for split in ("train", "test"):
+        labels = getattr(full, f"{split}_labels")
+        rows = stratified_sample(labels, 5)
+        np.testing.assert_array_equal(getattr(limited, f"{split}_labels"), labels[rows])
+        np.testing.assert_allclose(getattr(limited, f"{split}_features"), getattr(full, f"{split}_features")[rows],
+                                   rtol=1e-3, atol=1e-3)  # the sampled images themselves, not only their labels
+        assert len(np.unique(labels[rows])) == 5  # the file is sorted by class: the first 5 hold 3 classes
 
 
-def test_truncated_jpeg_gives_data_error(tmp_path, tiny):
-    path = jpeg_subset(shared("coco_mini.npz"), {"train": np.arange(6), "test": np.arange(3)},
-                       tmp_path / "bad.npz")
+def _truncated(jpeg: np.ndarray, rng) -> np.ndarray:
+    return jpeg[:len(jpeg) // 2]
+
+
+def _not_an_image(jpeg: np.ndarray, rng) -> np.ndarray:
+    return rng.integers(0, 256, len(jpeg), dtype=np.uint8)
+
+
+def _scrambled_body(jpeg: np.ndarray, rng) -> np.ndarray:
+    """JPEG header kept (a valid SOI marker, sizes, tables), the entropy-coded data replaced."""
+    return np.concatenate([jpeg[:len(jpeg) // 4], np.full(len(jpeg) - len(jpeg) // 4, 0xFF, np.uint8)])
+
+
+@pytest.mark.parametrize("corrupt", [_truncated, _not_an_image, _scrambled_body])
+def test_corrupt_jpeg_gives_one_line_data_error_naming_the_images(tmp_path, coco_jpeg, tiny, corrupt):
+    path = jpeg_subset(coco_jpeg, {"train": np.arange(6), "test": np.arange(3)}, tmp_path / "bad.npz")
     with np.load(path) as data:
         arrays = dict(data)
     offsets = arrays["train_offsets"]
     files = [arrays["train_bytes"][a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    files[4] = files[4][:len(files[4]) // 2]
+    files[4] = corrupt(files[4], np.random.default_rng(0))
     arrays["train_bytes"] = np.concatenate(files)
     arrays["train_offsets"] = np.concatenate([[0], np.cumsum([len(f) for f in files])])
     np.savez(path, **arrays)
@@ -178,7 +222,7 @@ def test_truncated_jpeg_gives_data_error(tmp_path, tiny):
         extract_features(str(path), tmp_path / "f.npz", batch_size=2, **tiny)
     message = str(caught.value)
     assert str(path) in message and "cannot decode" in message and "images 4..5" in message
-    assert "\n" not in message
+    assert "\n" not in message and not (tmp_path / "f.npz").exists()
 
 
 def test_imagenet_weights_offline_error(monkeypatch):

@@ -163,37 +163,101 @@ def test_lite_encoder_rejects_wrong_feature_size(exported, tmp_path):
         encoder.encode(np.zeros((2, DIM), np.int32))
 
 
-# ------------------------------------------------------------------ real CIFAR-10 features
+# ------------------------------------------------------------------ parity of every export with Keras
+# Least bit agreement of each export with the Keras model (export.py warns below 98% for int8).
+AGREEMENT_LIMITS = {"saved_model": 1.0, "float32": 1.0, "float16": 0.995, "dynamic": 0.98, "int8": 0.98}
+
+
+def check_export_parity(run, feature_set: FeatureSet, tmp_path) -> dict:
+    """Exports `run` as a SavedModel and the four TFLite variants (int8 calibrated on 300 training
+    rows), checks each against the Keras model on the test features and returns the encoders."""
+    path = export.export_saved_model(run, tmp_path, "tbh")
+    representative = export.representative_rows(feature_set.train_features, 300)
+    files = export.write_tflite_variants(path, tmp_path / "lite", representative)
+    assert set(files) == set(export.TFLITE_VARIANTS)
+    reference = encoders.KerasEncoder(run)
+    test = feature_set.test_features
+    expected = reference.encode(test)
+    assert 0.2 < expected["bits"].mean() < 0.8
+    candidates = {"saved_model": encoders.SavedModelEncoder(path),
+                  **{variant: encoders.LiteEncoder(file) for variant, file in files.items()}}
+    agreement = {}
+    for name, encoder in candidates.items():
+        outputs = encoder.encode(test, batch_size=128)
+        agreement[name] = (outputs["bits"] == expected["bits"]).mean()
+        np.testing.assert_array_equal(outputs["packed"], np.packbits(outputs["bits"], axis=1))
+        if name in ("saved_model", "float32"):
+            np.testing.assert_array_equal(outputs["bits"], expected["bits"], err_msg=name)
+            np.testing.assert_allclose(outputs["probs"], expected["probs"], atol=1e-5, err_msg=name)
+    assert all(agreement[name] >= limit for name, limit in AGREEMENT_LIMITS.items()), agreement
+    size = {variant: file.stat().st_size for variant, file in files.items()}
+    # float16 weights take half the float32 file, int8 weights (dynamic, int8) a quarter
+    assert size["int8"] < size["float32"] / 3 and size["dynamic"] < size["float16"] < 0.6 * size["float32"], size
+    report = export.parity_report(reference, candidates, test, files, latency_repeats=3)
+    assert set(report["rows"]) == {"keras", *candidates} and report["examples"] == len(test)
+    for name in candidates:
+        assert report["rows"][name]["bit_agreement"] == pytest.approx(agreement[name]), name
+        assert report["rows"][name]["packed_matches_bits"]
+    assert report["rows"]["keras"]["bit_agreement"] == 1.0
+    assert report["rows"]["int8"]["latency_ms"] > 0
+    return candidates
+
+
+PARITY_RUN = dict(bits=32, hidden_dim=64, steps=20, learning_rate=1e-3, batch_size=200, checkpoint_every=10,
+                  log_every=10, steps_per_execution=10)
+
+
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory, cifar_features):
-    return train_tiny(tmp_path_factory, cifar_features, "cifar", bits=32, hidden_dim=64, steps=20,
-                      learning_rate=1e-3, batch_size=200, checkpoint_every=10, log_every=10,
-                      steps_per_execution=10)
+    return train_tiny(tmp_path_factory, cifar_features, "cifar", **PARITY_RUN)
 
 
 def test_tflite_parity_on_real_cifar_features(cifar_run, cifar_features, tmp_path):
-    path = export.export_saved_model(cifar_run, tmp_path, "tbh")
-    representative = export.representative_rows(cifar_features.train_features, 300)
-    files = export.write_tflite_variants(path, tmp_path / "lite", representative)
-    reference = encoders.KerasEncoder(cifar_run)
-    expected = reference.encode(cifar_features.test_features)
-    assert 0.2 < expected["bits"].mean() < 0.8
-    agreement = {}
-    for variant, file in files.items():
-        outputs = encoders.LiteEncoder(file).encode(cifar_features.test_features, batch_size=128)
-        agreement[variant] = (outputs["bits"] == expected["bits"]).mean()
-        np.testing.assert_array_equal(outputs["packed"], np.packbits(outputs["bits"], axis=1))
-        if variant == "float32":
-            np.testing.assert_array_equal(outputs["bits"], expected["bits"])
-            np.testing.assert_allclose(outputs["probs"], expected["probs"], atol=1e-5)
-    assert agreement["int8"] >= 0.98, agreement
-    assert agreement["float16"] >= 0.995 and agreement["dynamic"] >= 0.98, agreement
-    assert files["int8"].stat().st_size < files["float32"].stat().st_size / 3
-    report = export.parity_report(reference, {"int8": encoders.LiteEncoder(files["int8"])},
-                                  cifar_features.test_features, files, latency_repeats=3)
-    assert report["rows"]["int8"]["bit_agreement"] == pytest.approx(agreement["int8"])
-    assert report["rows"]["keras"]["bit_agreement"] == 1.0
-    assert report["rows"]["int8"]["latency_ms"] > 0
+    check_export_parity(cifar_run, cifar_features, tmp_path)
+
+
+def efficientnet_like_features(seed: int = 0, classes: int = 10, train: int = 1000, test: int = 300):
+    """Non-negative clustered DIM-d features, sparse and heavy-tailed like ReLU6 global-average pools."""
+    rng = np.random.default_rng(seed)
+    centres = rng.gamma(0.5, 1.0, (classes, DIM)) * (rng.random((classes, DIM)) < 0.3)
+    sets = []
+    for count in (train, test):
+        labels = np.repeat(np.arange(classes), count // classes)
+        rows = centres[labels] * rng.gamma(4.0, 0.25, (len(labels), 1)) + rng.normal(0, 0.3, (len(labels), DIM))
+        sets += [np.clip(rows, 0, 6).astype(np.float32), labels]
+    return FeatureSet(*sets)
+
+
+@pytest.fixture(scope="module", params=["standardize", "l2"])
+def scaled_run(request, tmp_path_factory):
+    """(run, features) of a short run on synthetic features with that input scaling."""
+    feature_set = efficientnet_like_features()
+    run = train_tiny(tmp_path_factory, feature_set, request.param, input_scaling=request.param, **PARITY_RUN)
+    return run, feature_set
+
+
+def test_export_parity_on_synthetic_features_with_input_scaling(scaled_run, tmp_path):
+    run, feature_set = scaled_run
+    assert run.model.encoder.scaling.mode == run.config.input_scaling
+    exported = check_export_parity(run, feature_set, tmp_path)
+    raw = feature_set.test_features
+    reference = encoders.KerasEncoder(run)
+    bits, logits = reference.encode(raw)["bits"], reference.logits(raw)
+    # varied codes with bits close to the boundary, so that the quantised limits can be missed
+    assert len(np.unique(bits, axis=0)) >= 20 and (np.abs(logits) < 0.1).mean() > 0.005
+    if run.config.input_scaling == "standardize":
+        # the restored training statistics decide the codes (and the exports matched them exactly)
+        unscaled = (run.model.encoder.logits(tf.constant(raw)).numpy() > 0).astype(np.uint8)
+        assert (bits != unscaled).mean() > 0.05
+    else:
+        # unit-norm rows: a row and its multiple get the same outputs, in the exports too
+        probs = reference.encode(raw)["probs"]
+        for name in ("saved_model", "float32"):
+            outputs = exported[name].encode(4.0 * raw)
+            np.testing.assert_array_equal(outputs["bits"], bits, err_msg=name)
+            np.testing.assert_allclose(outputs["probs"], probs, atol=1e-5, err_msg=name)
+        unscaled = tf.sigmoid(run.model.encoder.logits(tf.constant(4.0 * raw))).numpy()
+        assert np.abs(unscaled - probs).max() > 0.1  # without the scaling the multiple differs
 
 
 # ------------------------------------------------------------------ image signatures
