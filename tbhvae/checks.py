@@ -52,6 +52,28 @@ def check_features(features, name: str, dim: int | None = None, error: type[Exce
     return array
 
 
+def check_writable(path: str | os.PathLike, name: str, error: type[Exception] = ValueError,
+                   directory: bool = False) -> Path:
+    """Raises `error` unless `path` (a file, or a directory when `directory`) can be written.
+
+    Checked before long work, so an unwritable output is found before it costs anything:
+    `path` must not be the other kind of entry, and its nearest existing ancestor must be a
+    writable directory. Nothing is created.
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        kind = "a file" if directory else "a directory"
+        raise error(f"{name} {path}: is {kind}; pass a {'directory' if directory else 'file'} path")
+    existing = path if directory else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error(f"{name} {path}: {existing} is a file, not a directory; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise error(f"{name} {path}: {existing} is not writable; choose a writable location")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yields a temporary sibling of `path` to write; it replaces `path` only if the block succeeds.

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tbhvae import protocol
-from tbhvae.checks import atomic_path, atomic_write
+from tbhvae.checks import atomic_path, atomic_write, check_writable
 from tbhvae.index import EncoderProbe
 
 FRAME_QUERY = (90, 90, 90)
@@ -198,14 +198,19 @@ def build(encoder: str, features: str | None, images: str | None, index_path: st
     """Encodes the train split and saves a HammingIndex (ids = rows, with labels) to `index_path`."""
     from tbhvae.index import HammingIndex
 
+    check_writable(index_path, "--index", RetrievalError)  # before the encoding, which can take long
     start = time.perf_counter()
     codes, labels = encode_split(encoder, features, images, "train")
     index = HammingIndex(codes, labels=labels)
     if features:  # built from features: remember which encoder made the codes
         rows = np.sort(np.random.default_rng(0).choice(len(codes), min(PROBE_ROWS, len(codes)), replace=False))
         index.encoder_probe = EncoderProbe(_feature_set(features).train_features[rows], codes[rows])
-    Path(index_path).parent.mkdir(parents=True, exist_ok=True)
-    index.save(index_path)
+    try:
+        Path(index_path).parent.mkdir(parents=True, exist_ok=True)
+        index.save(index_path)
+    except OSError as err:
+        raise RetrievalError(f"--index {index_path}: cannot write it ({err.strerror or err}); nothing was "
+                             f"written, free disk space or choose another path") from None
     print(f"indexed {len(index)} codes of {index.bits} bits in {time.perf_counter() - start:.1f} s "
           f"-> {index_path} ({Path(index_path).stat().st_size / 2**20:.2f} MiB)")
     return index
@@ -216,6 +221,8 @@ def query(encoder: str, features: str | None, images: str | None, index_path: st
     """Top-k search for the first `num_queries` test rows (0 = all); prints and saves results."""
     from tbhvae.index import HammingIndex
 
+    if results_path:
+        check_writable(results_path, "--results", RetrievalError)
     try:
         index = HammingIndex.load(index_path)
     except (OSError, ValueError) as err:
@@ -246,12 +253,15 @@ def query(encoder: str, features: str | None, images: str | None, index_path: st
         print(f"query {q}: ids {ids[q].tolist()} distances {distances[q].tolist()}{detail}")
     if results_path:
         path = Path(results_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".npz":
-            with atomic_path(path, ".tmp.npz") as tmp:
-                np.savez(tmp, ids=ids, distances=distances, query_rows=np.arange(len(codes)))
-        else:
-            atomic_write(path, json.dumps({**summary, "ids": ids.tolist(), "distances": distances.tolist()}))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".npz":
+                with atomic_path(path, ".tmp.npz") as tmp:
+                    np.savez(tmp, ids=ids, distances=distances, query_rows=np.arange(len(codes)))
+            else:
+                atomic_write(path, json.dumps({**summary, "ids": ids.tolist(), "distances": distances.tolist()}))
+        except OSError as err:
+            raise RetrievalError(f"--results {path}: cannot write it ({err.strerror or err})") from None
         print(f"results written to {path}")
     return summary
 

@@ -68,13 +68,32 @@ def parity_features(run, path: str | None):
     return feature_set
 
 
+def write_tflite(run, path, representative, test):
+    """The TFLite variants and parity.json in a new version of --tflite_dir: (files, report, version dir)."""
+    from tbhvae import encoders, export
+
+    with export.new_version(FLAGS.tflite_dir) as version:  # never replaces an earlier export
+        files = export.write_tflite_variants(path, version.staging, representative)
+        candidates = {"saved_model": encoders.SavedModelEncoder(path)}
+        candidates.update({k: encoders.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
+        report = export.parity_report(encoders.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
+        report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
+                      representative_examples=len(representative), num_threads=FLAGS.num_threads)
+        (version.staging / "parity.json").write_text(json.dumps(report, indent=2))
+    return files, report, version.final
+
+
 def main(argv):
     expect_no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's saver chatter; --verbosity=0 shows it
-    from tbhvae import encoders, export  # after flag parsing: --help stays fast
+    from tbhvae import export  # after flag parsing: --help stays fast
+    from tbhvae.checks import check_writable
 
-    try:
+    try:  # both outputs before any work: a TFLite dir that fails must not leave a SavedModel behind
+        check_writable(FLAGS.out, "--out", export.ExportError, directory=True)
+        if FLAGS.tflite_dir:
+            check_writable(FLAGS.tflite_dir, "--tflite_dir", export.ExportError, directory=True)
         run = export.load_run(FLAGS.model_dir)
         backbone = export.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size,
                                        FLAGS.allow_backbone_mismatch)
@@ -92,14 +111,10 @@ def main(argv):
         return
     representative = export.representative_rows(feature_set.train_features, FLAGS.representative_examples)
     test = feature_set.test_features[:FLAGS.parity_examples or None]
-    with export.new_version(FLAGS.tflite_dir) as (staging, version_dir):  # never replaces an earlier export
-        files = export.write_tflite_variants(path, staging, representative)
-        candidates = {"saved_model": encoders.SavedModelEncoder(path)}
-        candidates.update({k: encoders.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
-        report = export.parity_report(encoders.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
-        report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
-                      representative_examples=len(representative), num_threads=FLAGS.num_threads)
-        (staging / "parity.json").write_text(json.dumps(report, indent=2))
+    try:
+        files, report, version_dir = write_tflite(run, path, representative, test)
+    except export.ExportError as err:
+        fail(f"{err} (the SavedModel {path} was written)")
     print("TFLite files: " + ", ".join(str(version_dir / p.name) for p in files.values()))
     print(export.format_parity_table(report))
     print(f"parity report written to {version_dir / 'parity.json'}")

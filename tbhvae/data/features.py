@@ -22,6 +22,7 @@ import numpy as np
 from tbhvae.checks import atomic_path, check_features, check_labels
 
 REQUIRED_KEYS = ("train_features", "train_labels", "test_features", "test_labels")
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 class DataError(ValueError):
@@ -90,6 +91,33 @@ def validate(feature_set: FeatureSet, where: str = "features") -> FeatureSet:
                       tuple(str(n) for n in names) if names is not None else None, feature_set.extractor)
 
 
+def _check_member_sizes(path: Path) -> None:
+    """DataError for a .npy file or an .npz member whose header claims more bytes than it holds.
+
+    Run before np.load, which would allocate what a header claims (a tiny file can claim terabytes).
+    Anything else that is not a zip raises BadZipFile (reported by `load_features`).
+    """
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as file:
+            if file.read(6) == b"\x93NUMPY":
+                raise DataError(f"{path}: a single .npy array, not an .npz feature file; save the splits "
+                                f"with tbhvae.data.save_features (see README 'Your own features')")
+        raise zipfile.BadZipFile("not a zip archive")
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if not member.filename.endswith(".npy"):
+                continue
+            with archive.open(member) as file:
+                version = np.lib.format.read_magic(file)
+                if version not in _HEADER_READERS:
+                    continue  # a newer format: np.load checks it
+                shape, _, dtype = _HEADER_READERS[version](file)
+            claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if claimed > member.file_size:
+                raise DataError(f"{path}: '{member.filename[:-4]}' claims shape {shape} ({claimed} bytes) but "
+                                f"holds {member.file_size} bytes; the file is corrupt, recreate it")
+
+
 def load_features(path: str | os.PathLike) -> FeatureSet:
     """Loads and validates a feature `.npz` (format in the module docstring)."""
     path = Path(path)
@@ -97,6 +125,7 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
         raise DataError(f"{path}: feature file not found; pass --features with an existing .npz "
                         f"(see README 'Your own features')")
     try:
+        _check_member_sizes(path)
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in REQUIRED_KEYS if k not in data.files]
             if missing:
@@ -107,7 +136,7 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
             extractor = json.loads(str(data["extractor"])) if "extractor" in data.files else None
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:  # json errors are ValueErrors
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as err:  # json: ValueError
         raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); "
                         f"the file may be truncated or corrupt, recreate it") from None
     return validate(FeatureSet(**arrays, class_names=names, extractor=extractor), where=str(path))

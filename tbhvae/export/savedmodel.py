@@ -16,7 +16,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from tbhvae.checks import first_line
+from tbhvae.checks import check_writable, first_line
 from tbhvae.codes import num_bytes
 from tbhvae.config import Config
 from tbhvae.export.serving import warmup_inputs, write_models_config, write_warmup_requests
@@ -25,6 +25,7 @@ from tbhvae.train.rundir import RunDirectory, RunDirError
 
 OUTPUT_NAMES = ("bits", "packed", "probs")
 METADATA_FILE = "assets.extra/tbhvae.json"  # inside a version directory; ignored by TF Serving
+_RENAME_ATTEMPTS = 10  # versions tried when concurrent exports race for the next one
 _BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # most significant bit first, as np.packbits
 
 
@@ -213,7 +214,8 @@ def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, back
     for key in sorted(functions, key=lambda k: k != default):  # the first endpoint is also serving_default
         archive.add_endpoint(key, functions[key][0], input_signature=functions[key][1])
 
-    with new_version(Path(base) / name) as (staging, final):
+    with new_version(Path(base) / name) as version:
+        staging = version.staging
         archive.write_out(str(staging), verbose=False)
         metadata = {"model_dir": str(run.path.resolve()), "checkpoint": run.checkpoint, "bits": run.config.bits,
                     "input_dim": run.input_dim, "config_name": run.config.name,
@@ -224,8 +226,12 @@ def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, back
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         examples = warmup_inputs(run.input_dim, backbone and backbone.input_size)
         write_warmup_requests(staging, name, {"serving_default": examples[default], **examples})
-    write_models_config(base, serving_root)
-    return final
+    try:
+        write_models_config(base, serving_root)
+    except OSError as err:
+        raise ExportError(f"{version.final} was written but {base}/models.config could not be "
+                          f"({err.strerror or err}); free disk space and export again") from None
+    return version.final
 
 
 # ------------------------------------------------------------------ version directories
@@ -236,21 +242,44 @@ def next_version(model_root: str | os.PathLike) -> int:
     return max(versions, default=0) + 1
 
 
+@dataclasses.dataclass
+class VersionDirectory:
+    """Where `new_version` stages a version, and its final path (set once the block has ended)."""
+
+    staging: Path
+    final: Path
+
+
 @contextlib.contextmanager
 def new_version(root: str | os.PathLike):
-    """Yields (staging, final) for a new version directory `final` = `root/<next version>/`.
+    """Yields a VersionDirectory for a new version `final` = `root/<next version>/`.
 
     Write into the hidden `staging` (not yet created); when the block ends without
     an error it is renamed to `final`, so readers never see a half-written version
-    and no earlier version is replaced. On an error it is removed.
+    and no earlier version is replaced (a version another export took meanwhile
+    makes it the next free one). On an error it is removed; OSErrors become ExportError.
     """
-    root = Path(root)
+    root = check_writable(root, "export directory", ExportError, directory=True)
     version = next_version(root)
-    staging, final = root / f".{version}.partial-{os.getpid()}", root / str(version)
-    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".{version}.partial-{os.getpid()}"
+    target = VersionDirectory(staging, root / str(version))
     try:
-        yield staging, final
-        os.rename(staging, final)
+        root.mkdir(parents=True, exist_ok=True)
+        yield target
+        for _ in range(_RENAME_ATTEMPTS):  # another export may take the version first: use the next one
+            try:
+                os.rename(staging, target.final)
+                break
+            except OSError as err:
+                if not target.final.exists():
+                    raise ExportError(f"{target.final}: cannot create the version directory "
+                                      f"({err.strerror or err})") from None
+                target.final = root / str(next_version(root))
+        else:
+            raise ExportError(f"{root}: other exports keep taking the next version; retry when they are done")
+    except (OSError, tf.errors.ResourceExhaustedError) as err:  # TF's writers: ResourceExhausted on a full disk
+        raise ExportError(f"{root}: cannot write the export ({first_line(err)[:200]}); nothing was kept, "
+                          f"free disk space or choose a writable directory") from None
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -170,7 +170,11 @@ def _fit_and_evaluate(config: Config, run: RunDirectory, strategy: tf.distribute
         if key in metrics["final_train_terms"]:
             metrics[key] = metrics["final_train_terms"][key]
     if chief:
-        atomic_write(run.metrics_path, json.dumps(metrics, indent=2))
+        try:
+            atomic_write(run.metrics_path, json.dumps(metrics, indent=2))
+        except OSError as err:
+            raise TrainingError(f"{run.metrics_path}: cannot write the metrics ({err.strerror or err}); "
+                                f"free disk space and rerun the same command") from None
     return metrics
 
 

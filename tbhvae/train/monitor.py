@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from tbhvae import evaluation, plots
+from tbhvae.checks import first_line
 from tbhvae.config import Config
 from tbhvae.data import FeatureSet
 from tbhvae.models import encode_features
@@ -184,7 +185,12 @@ class TrainingMonitor(keras.callbacks.Callback):
                 f"checkpoint not written, the last good one ({self.manager.latest_checkpoint}) was kept. "
                 f"Lower the learning rate or check the input features")
         self.totals_variable.assign(json.dumps(self.totals()))
-        self.manager.save(checkpoint_number=step)
+        try:
+            self.manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.OpError) as err:  # a full disk is ResourceExhaustedError from TF's writer
+            raise TrainingError(
+                f"cannot write the checkpoint of step {step} ({first_line(err)[:200]}); the last good one "
+                f"({self.manager.latest_checkpoint}) was kept: free disk space and rerun to resume") from None
 
     def write_scalars(self, step: int) -> None:
         with self.writer.as_default():

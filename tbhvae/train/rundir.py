@@ -106,7 +106,11 @@ class RunDirectory:
             raise ConfigError(f"{self.path} holds a run with a different architecture ({detail}); "
                               f"use another --model_dir or pass --fresh to start over")
         if self.data_path.is_file():
-            saved_dim = json.loads(self.data_path.read_text()).get("input_dim")
+            try:
+                saved_dim = json.loads(self.data_path.read_text()).get("input_dim")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise DataError(f"{self.data_path}: unreadable (not a JSON object); the run directory is "
+                                f"damaged: pass --fresh to start over or use another --model_dir") from None
             if saved_dim is not None and saved_dim != input_dim:
                 raise DataError(f"features have dimension {input_dim} but the run in {self.path} was "
                                 f"trained on {saved_dim}-d features; use matching features or --fresh")

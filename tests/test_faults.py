@@ -1,0 +1,342 @@
+"""Bad inputs and faults end in one clear line and change nothing on disk (issue #16, tracebacks).
+
+One row per case: the exit code 2 of a command (one `error:` line) or the exception type of
+a library call, a message naming the problem, and where nothing should change, the
+run / export / index directory byte-identical afterwards (a hash of every file).
+A full disk is simulated by making the writer raise what it raises then (OSError ENOSPC,
+or TF's ResourceExhaustedError): a real small tmpfs needs root mount rights the CI lacks.
+"""
+import dataclasses
+import errno
+import hashlib
+import io
+import os
+import re
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO_ROOT
+from tbhvae import evaluation, export, retrieval, train
+from tbhvae.config import Config
+from tbhvae.data import DataError, FeatureSet, load_features, save_features
+from tbhvae.export import ExportError, savedmodel
+from tbhvae.train import TrainingError
+from test_reliability import error_line, run_cli, train_command
+from test_training import synthetic_features
+
+TINY = dict(bits=8, hidden_dim=16, continuous_dim=8, batch_size=64, steps=10, log_every=5, checkpoint_every=5,
+            eval_every=0, eval_queries=20, jit_compile=False, steps_per_execution=5)
+
+
+def hashes(directory: Path) -> dict:
+    """Relative path -> sha256 of every file below `directory` (links not followed)."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{"features": feature file, "run": a finished 10-step run, "config": its Config}."""
+    folder = tmp_path_factory.mktemp("faults")
+    feature_set = synthetic_features(n=256, q=32)
+    features = save_features(folder / "features.npz", feature_set)
+    config = Config(name="faults", features=str(features), **TINY)
+    train.train(config, folder / "run", strategy=tf.distribute.get_strategy(), feature_set=feature_set)
+    return {"features": features, "run": folder / "run", "config": config, "feature_set": feature_set}
+
+
+@pytest.fixture
+def run_copy(tiny, tmp_path):
+    return Path(shutil.copytree(tiny["run"], tmp_path / "run", symlinks=True))
+
+
+# ------------------------------------------------------------------ feature files
+def _npy_file(path):
+    np.save(path, np.zeros((4, 3), np.float32))
+    return path
+
+
+def _huge_header_npz(path):
+    """A few hundred bytes whose train_features header claims 10^13 float32 values."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**13,)})
+    with zipfile.ZipFile(path, "w") as archive:
+        for key in ("train_features", "train_labels", "test_features", "test_labels"):
+            archive.writestr(f"{key}.npy", header.getvalue() + bytes(16))
+    return path
+
+
+FEATURE_FILES = {
+    "npy_not_npz": (_npy_file, "x.npy", r"x\.npy: a single \.npy array, not an \.npz feature file"),
+    "header_claims_1e13": (_huge_header_npz, "huge.npz", r"'train_features' claims shape \(10000000000000,\).*corrupt"),
+}
+
+
+@pytest.mark.parametrize("case", FEATURE_FILES)
+def test_bad_feature_file_is_one_data_error(tmp_path, case):
+    make, name, message = FEATURE_FILES[case]
+    path = make(tmp_path / name)
+    with pytest.raises(DataError, match=message) as caught:
+        load_features(path)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("case", FEATURE_FILES)
+def test_train_cli_rejects_bad_feature_file_with_one_line(tmp_path, case):
+    make, name, message = FEATURE_FILES[case]
+    path = make(tmp_path / name)
+    result = run_cli(train_command(path, tmp_path / "run"), timeout=120)
+    assert result.returncode == 2
+    assert re.search(message, error_line(result.stderr))
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ run directory
+def _random_index(run):
+    (run / "checkpoints" / "checkpoint").write_bytes(np.random.default_rng(0).bytes(200) + b"\xff\xfe")
+
+
+def _random_index_no_checkpoint(run):
+    _random_index(run)
+    for path in (run / "checkpoints").glob("ckpt-*"):
+        path.unlink()
+
+
+def _corrupt_data_json(run):
+    (run / "data.json").write_bytes(b'{"input_dim": 24, "data')
+
+
+RUN_DAMAGE = {  # damage, call on the damaged run, exception, message
+    "checkpoint_index_random_bytes_no_checkpoint_export": (
+        _random_index_no_checkpoint, "export", ExportError, r"checkpoint exists but no intact checkpoint"),
+    "checkpoint_index_random_bytes_no_checkpoint_train": (
+        _random_index_no_checkpoint, "train", TrainingError, r"checkpoint exists but no intact checkpoint.*--fresh"),
+    "corrupt_data_json_export": (_corrupt_data_json, "export", ExportError, r"data\.json is missing or lacks"),
+    "corrupt_data_json_train": (_corrupt_data_json, "train", DataError, r"data\.json: unreadable.*--fresh"),
+}
+
+
+def _call(kind, run, tiny):
+    if kind == "export":
+        return export.load_run(run)
+    return train.train(tiny["config"], run, strategy=tf.distribute.get_strategy(), feature_set=tiny["feature_set"])
+
+
+@pytest.mark.parametrize("case", RUN_DAMAGE)
+def test_damaged_run_directory_is_one_error_and_left_alone(run_copy, tiny, case):
+    damage, kind, error, message = RUN_DAMAGE[case]
+    damage(run_copy)
+    before = hashes(run_copy)
+    with pytest.raises(error, match=message) as caught:
+        _call(kind, run_copy, tiny)
+    assert "\n" not in str(caught.value)
+    assert hashes(run_copy) == before
+
+
+def test_random_bytes_in_checkpoint_index_fall_back_to_the_newest_intact_checkpoint(run_copy, capsys):
+    _random_index(run_copy)
+    before = hashes(run_copy)
+    run = export.load_run(run_copy)
+    assert run.checkpoint.endswith("ckpt-10")
+    assert "is unreadable; resuming from the newest intact checkpoint" in capsys.readouterr().err
+    assert hashes(run_copy) == before
+
+
+def test_full_disk_during_a_checkpoint_save_stops_with_one_line_keeping_the_last_checkpoint(
+        run_copy, tiny, monkeypatch):
+    def full_disk(self, *args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "ckpt-15_temp/part-00000: No space left on device")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full_disk)
+    before = hashes(run_copy / "checkpoints")
+    config = dataclasses.replace(tiny["config"], steps=20)
+    with pytest.raises(TrainingError, match=r"cannot write the checkpoint of step 15 \(.*No space left on device"
+                                            r"\); the last good one .*ckpt-10\) was kept"):
+        train.train(config, run_copy, strategy=tf.distribute.get_strategy(), feature_set=tiny["feature_set"])
+    assert hashes(run_copy / "checkpoints") == before
+
+
+def test_full_disk_while_writing_metrics_is_one_line_and_keeps_the_old_metrics(run_copy, tiny, monkeypatch):
+    from tbhvae.train import loop
+
+    def full_disk(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(loop, "atomic_write", full_disk)
+    before = (run_copy / "metrics.json").read_bytes()
+    with pytest.raises(TrainingError, match=r"metrics\.json: cannot write the metrics \(No space left on device\)"):
+        train.train(tiny["config"], run_copy, strategy=tf.distribute.get_strategy(), feature_set=tiny["feature_set"])
+    assert (run_copy / "metrics.json").read_bytes() == before
+
+
+# ------------------------------------------------------------------ export
+@pytest.fixture(scope="module")
+def restored(tiny):
+    return export.load_run(tiny["run"])
+
+
+def _file_out(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    return tmp_path / "out"
+
+
+def _file_in_path(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    return tmp_path / "file" / "out"
+
+
+def _read_only_out(tmp_path, monkeypatch):
+    """A read-only directory; access() is patched too, since root (as in CI) may write anywhere."""
+    out = tmp_path / "readonly"
+    out.mkdir()
+    out.chmod(0o555)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != out and real_access(p, mode, **kw))
+    return out
+
+
+EXPORT_OUTS = {
+    "out_is_a_file": (lambda tmp, mp: _file_out(tmp), r"out is a file, not a directory"),
+    "file_in_out_path": (lambda tmp, mp: _file_in_path(tmp), r"file is a file, not a directory"),
+    "out_read_only": (_read_only_out, r"readonly is not writable"),
+}
+
+
+@pytest.mark.parametrize("case", EXPORT_OUTS)
+def test_export_into_an_unwritable_out_is_one_export_error(restored, tmp_path, monkeypatch, case):
+    make, message = EXPORT_OUTS[case]
+    out = make(tmp_path, monkeypatch)
+    before = hashes(tmp_path)
+    with pytest.raises(ExportError, match=message) as caught:
+        export.export_saved_model(restored, out, "tbh")
+    assert "\n" not in str(caught.value)
+    assert hashes(tmp_path) == before
+
+
+def test_export_cli_checks_tflite_dir_before_writing_the_saved_model(tiny, tmp_path):
+    (tmp_path / "tflite").write_text("not a directory")
+    command = [sys.executable, str(REPO_ROOT / "export.py"), "--model_dir", str(tiny["run"]),
+               "--out", str(tmp_path / "exported"), "--tflite_dir", str(tmp_path / "tflite")]
+    result = run_cli(command, timeout=240)
+    assert result.returncode == 2
+    assert re.search(r"--tflite_dir .*tflite: is a file; pass a directory path", error_line(result.stderr))
+    assert not (tmp_path / "exported").exists()
+
+
+def test_export_racing_for_the_same_version_takes_the_next_one(restored, tmp_path, monkeypatch):
+    """Another export creates version 1 between our choice of it and our rename."""
+    other = tmp_path / "out" / "tbh" / "1"
+    other.mkdir(parents=True)
+    (other / "saved_model.pb").write_bytes(b"the other export")
+    real_next_version = savedmodel.next_version
+    calls = []
+
+    def stale_next_version(root):
+        calls.append(root)
+        return 1 if len(calls) == 1 else real_next_version(root)
+
+    monkeypatch.setattr(savedmodel, "next_version", stale_next_version)
+    path = export.export_saved_model(restored, tmp_path / "out", "tbh")
+    assert path == tmp_path / "out" / "tbh" / "2" and (path / "saved_model.pb").is_file()
+    assert (other / "saved_model.pb").read_bytes() == b"the other export"
+    assert sorted(p.name for p in (tmp_path / "out" / "tbh").iterdir()) == ["1", "2"]
+
+
+def test_full_disk_during_export_leaves_no_version(restored, tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(savedmodel, "write_warmup_requests", full_disk)
+    with pytest.raises(ExportError, match=r"cannot write the export \(.*No space left on device.*nothing was kept"):
+        export.export_saved_model(restored, tmp_path / "out", "tbh")
+    assert list((tmp_path / "out" / "tbh").iterdir()) == []
+
+
+# ------------------------------------------------------------------ output paths checked before the work
+@pytest.fixture
+def no_encoding(monkeypatch):
+    """Fails the test if the (long) encoding starts."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the work started before the output path was checked")
+
+    monkeypatch.setattr(retrieval, "encode_split", forbidden)
+
+
+def test_index_path_is_checked_before_encoding(tiny, tmp_path, no_encoding):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(retrieval.RetrievalError, match=r"--index .*file is a file, not a directory"):
+        retrieval.build(str(tiny["run"]), str(tiny["features"]), None, str(tmp_path / "file" / "train.index.npz"))
+    assert hashes(tmp_path) == {"file": hashlib.sha256(b"x").hexdigest()}
+
+
+def test_results_path_is_checked_before_the_search(tiny, tmp_path, no_encoding):
+    (tmp_path / "results.json").mkdir()
+    with pytest.raises(retrieval.RetrievalError, match=r"--results .*results\.json: is a directory"):
+        retrieval.query(str(tiny["run"]), str(tiny["features"]), None, str(tmp_path / "missing.npz"), 10, 0,
+                        str(tmp_path / "results.json"), 0, False)
+
+
+def test_full_disk_while_saving_the_index_is_one_error(tiny, tmp_path, monkeypatch):
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    from tbhvae.index import HammingIndex
+    monkeypatch.setattr(HammingIndex, "save", full_disk)
+    with pytest.raises(retrieval.RetrievalError, match=r"--index .*cannot write it \(No space left on device\)"):
+        retrieval.build(str(tiny["run"]), str(tiny["features"]), None, str(tmp_path / "train.index.npz"))
+    assert not (tmp_path / "train.index.npz").exists()
+
+
+def test_baselines_json_is_checked_before_fitting(tiny, tmp_path):
+    (tmp_path / "file").write_text("x")
+    command = [sys.executable, "-m", "tbhvae.cli.baselines", "--features", str(tiny["features"]),
+               "--bits", "8", "--methods", "lsh", "--json", str(tmp_path / "file" / "out.json")]
+    result = run_cli(command, timeout=120)
+    assert result.returncode == 2
+    assert re.search(r"--json .*out\.json: cannot write there", error_line(result.stderr))
+    assert "lsh 8 bits" not in result.stderr  # nothing was fitted
+    assert hashes(tmp_path) == {"file": hashlib.sha256(b"x").hexdigest()}
+
+
+# ------------------------------------------------------------------ evaluation arguments
+def _codes_and_labels(query_width=3, db_width=3):
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 2, (5, 8)), rng.integers(0, 2, (20, 8)),
+            rng.integers(0, 2, (5, query_width)), rng.integers(0, 2, (20, db_width)))
+
+
+EVALUATION_CASES = {
+    "map_top_k_2_5": (lambda: evaluation.mean_average_precision(*_codes_and_labels(), top_k=2.5),
+                      r"top_k must be a positive integer or None, got 2\.5"),
+    "evaluate_codes_top_k_2_5": (lambda: evaluation.evaluate_codes(*_codes_and_labels(), top_k=2.5),
+                                 r"top_k must be a positive integer or None, got 2\.5"),
+    "index_ties_top_k_2_5": (lambda: evaluation.mean_average_precision_index_ties(*_codes_and_labels(), top_k=2.5),
+                             r"top_k must be a positive integer or None, got 2\.5"),
+    "multi_hot_widths_differ": (lambda: evaluation.mean_average_precision(*_codes_and_labels(3, 4)),
+                                r"multi-hot widths differ: query_labels has 3 classes, db_labels 4"),
+    "multi_hot_widths_differ_evaluate_codes": (lambda: evaluation.evaluate_codes(*_codes_and_labels(5, 2)),
+                                               r"multi-hot widths differ: query_labels has 5 classes, db_labels 2"),
+}
+
+
+@pytest.mark.parametrize("case", EVALUATION_CASES)
+def test_bad_evaluation_arguments_are_one_value_error(case):
+    call, message = EVALUATION_CASES[case]
+    with pytest.raises(ValueError, match=message) as caught:
+        call()
+    assert "\n" not in str(caught.value)
+
+
+def test_multi_hot_feature_sets_of_different_widths_are_a_data_error():
+    rng = np.random.default_rng(0)
+    feature_set = FeatureSet(rng.random((8, 4)), rng.integers(0, 2, (8, 3)), rng.random((4, 4)),
+                             rng.integers(0, 2, (4, 5)))
+    from tbhvae.data import validate
+    with pytest.raises(DataError, match=r"train_labels \(8, 3\) and test_labels \(4, 5\) use different label"):
+        validate(feature_set)
