@@ -217,7 +217,10 @@ def from_dict(values: dict, where: str) -> Config:
 
 def shipped_configs() -> dict[str, Path]:
     """Name -> file of every config shipped in the package `tbhvae.configs` (the repository's configs/)."""
-    folder = importlib.resources.files("tbhvae.configs")
+    try:
+        folder = importlib.resources.files("tbhvae.configs")
+    except ModuleNotFoundError:  # a source checkout used without `pip install`: the folder itself
+        folder = Path(__file__).resolve().parents[1] / "configs"
     return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
             if entry.name.endswith(".py") and not entry.name.startswith("_")}
 
