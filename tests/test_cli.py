@@ -49,3 +49,13 @@ def test_setup_cfg_lists_every_package_of_the_tree():
     found = setuptools.find_packages(str(REPO_ROOT), include=["tbhvae", "tbhvae.*"])
     assert sorted(listed) == sorted(found + ["tbhvae.configs"])
     assert parser["options"]["package_dir"].split() == ["tbhvae.configs", "=", "configs"]
+
+
+def test_a_source_checkout_without_install_finds_the_configs_folder(monkeypatch):
+    import importlib.resources
+
+    def not_installed(name):
+        raise ModuleNotFoundError(f"No module named '{name}'")
+
+    monkeypatch.setattr(importlib.resources, "files", not_installed)
+    assert shipped_configs()["cifar10_tbhvae"] == REPO_ROOT / "configs" / "cifar10_tbhvae.py"
