@@ -76,8 +76,10 @@ def load_run(model_dir: str | os.PathLike) -> TrainedRun:
     try:
         tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as err:
+        detail = first_line(err)
         raise ExportError(f"{checkpoint}: does not match the model of {run_dir.config_path} "
-                          f"({first_line(err)})") from None
+                          f"({detail[:200] + '...' if len(detail) > 200 else detail}); a run from before "
+                          f"tbhvae's encoder/decoder sub-layers must be retrained") from None
     return TrainedRun(path, config, input_dim, checkpoint, model, run_dir.extractor())
 
 
