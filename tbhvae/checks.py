@@ -100,7 +100,11 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     return Path(path)
 
 
-def first_line(err: BaseException) -> str:
-    """The first non-empty line of an exception's message, else its type name (for one-line errors)."""
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """The first non-empty line of an exception's message, else its type name (for one-line errors).
+
+    limit: at most this many characters, "..." marking a cut (TF's messages can run to kilobytes).
+    """
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line[:limit] + "..." if limit is not None and len(line) > limit else line

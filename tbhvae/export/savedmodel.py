@@ -76,9 +76,8 @@ def load_run(model_dir: str | os.PathLike) -> TrainedRun:
     try:
         tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
     except (AssertionError, ValueError, tf.errors.OpError) as err:
-        detail = first_line(err)
         raise ExportError(f"{checkpoint}: does not match the model of {run_dir.config_path} "
-                          f"({detail[:200] + '...' if len(detail) > 200 else detail}); a run from before "
+                          f"({first_line(err, limit=200)}); a run from before "
                           f"tbhvae's encoder/decoder sub-layers must be retrained") from None
     return TrainedRun(path, config, input_dim, checkpoint, model, run_dir.extractor())
 
@@ -280,7 +279,7 @@ def new_version(root: str | os.PathLike):
         else:
             raise ExportError(f"{root}: other exports keep taking the next version; retry when they are done")
     except (OSError, tf.errors.ResourceExhaustedError) as err:  # TF's writers: ResourceExhausted on a full disk
-        raise ExportError(f"{root}: cannot write the export ({first_line(err)[:200]}); nothing was kept, "
+        raise ExportError(f"{root}: cannot write the export ({first_line(err, limit=200)}); nothing was kept, "
                           f"free disk space or choose a writable directory") from None
     finally:
         if staging.exists():

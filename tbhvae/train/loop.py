@@ -122,7 +122,7 @@ def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
     try:
         checkpoint.restore(path).assert_existing_objects_matched()
     except (tf.errors.OpError, ValueError, AssertionError, IndexError) as err:  # IndexError: truncated file
-        raise TrainingError(f"cannot restore checkpoint {path} ({first_line(err)[:200]}); it is damaged or "
+        raise TrainingError(f"cannot restore checkpoint {path} ({first_line(err, limit=200)}); it is damaged or "
                             f"belongs to another model: pass --fresh to start over or use another --model_dir"
                             ) from None
 

@@ -189,7 +189,7 @@ class TrainingMonitor(keras.callbacks.Callback):
             self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as err:  # a full disk is ResourceExhaustedError from TF's writer
             raise TrainingError(
-                f"cannot write the checkpoint of step {step} ({first_line(err)[:200]}); the last good one "
+                f"cannot write the checkpoint of step {step} ({first_line(err, limit=200)}); the last good one "
                 f"({self.manager.latest_checkpoint}) was kept: free disk space and rerun to resume") from None
 
     def write_scalars(self, step: int) -> None:
