@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tbhvae.data.features import DataError
-from tbhvae.data.images import JpegNpzSource, TfdsSource, image_source
+from tbhvae.data.images import ImageSource, JpegNpzSource, TfdsSource, image_source
 
 
 def jpeg_subset(source: Path, count: int) -> dict:
@@ -200,3 +200,19 @@ def test_tfds_without_download_and_unprepared(tmp_path):
 def test_tfds_unknown_dataset():
     with pytest.raises(DataError, match="tfds:no_such_dataset_xyz"):
         image_source("tfds:no_such_dataset_xyz", "train")
+
+
+def test_a_row_selection_resumes_within_the_selected_rows():
+    class Grey(ImageSource):  # image i is a uniform grey of value i
+        def __init__(self):
+            super().__init__("grey", None, 3, False, 10)
+
+        def encoded(self):
+            files = [tf.io.encode_png(np.full((4, 4, 3), i, np.uint8)).numpy() for i in range(10)]
+            return tf.data.Dataset.from_tensor_slices((files, np.arange(10) % 3))
+
+    source = Grey()
+    seen = [(int(image[0, 0, 0]), int(label)) for image, label in source.dataset(1, np.array([2, 5, 9]))]
+    assert seen == [(5, 2), (9, 0)]  # rows 2, 5, 9; the first (row 2) done before the resume
+    assert [int(image[0, 0, 0]) for image, _ in source.dataset(0, np.array([0, 9]))] == [0, 9]
+    np.testing.assert_array_equal(source.labels(), np.arange(10) % 3)

@@ -64,12 +64,11 @@ class ImageSource(abc.ABC):
         """(uint8 [H, W, 3], label) of examples `start`, `start + 1`, ... (of `rows`, sorted indices,
         when given), in a fixed order; the examples before are skipped undecoded."""
         examples = self.encoded()
-        if rows is not None:
+        if rows is not None:  # take() stops at the last row, so no index past `keep` is looked up
             keep = np.zeros(int(rows.max(initial=-1)) + 1, bool)
             keep[rows] = True
-            last, keep = len(keep) - 1, tf.constant(keep)
-            examples = (examples.enumerate()
-                        .filter(lambda i, _: tf.logical_and(i <= last, tf.gather(keep, tf.minimum(i, last))))
+            keep = tf.constant(keep)
+            examples = (examples.enumerate().filter(lambda i, _: tf.gather(keep, i))
                         .map(lambda _, example: example).take(len(rows)))
         return examples.skip(start).map(lambda data, label: (_decode(data), label),
                                         num_parallel_calls=tf.data.AUTOTUNE)
