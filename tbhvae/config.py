@@ -82,6 +82,7 @@ class Config:
     batch_size: int = 400  # global batch (all replicas)
     steps: int = 5000  # total training steps (a resumed run continues to this count)
     learning_rate: float = 1e-4  # Adam, encoder and decoder
+    learning_rate_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 at `steps`
     critic_learning_rate: float = 1e-4  # Adam, the adversarial critics
     seed: int = 0  # every random draw (initialisation, batches, sampling, anchors)
     jit_compile: bool = False  # XLA: slower than TF's own CPU kernels here (BENCHMARKS.md); true on GPUs

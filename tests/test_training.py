@@ -166,6 +166,13 @@ def test_pipeline_at_a_start_step_continues_the_uninterrupted_one():
     assert not np.array_equal(other_seed, straight[0])
 
 
+def test_cosine_schedule_decays_the_actor_rate_to_zero_at_the_last_step():
+    assert loop.actor_learning_rate(Config(learning_rate=3e-4)) == 3e-4
+    schedule = loop.actor_learning_rate(Config(learning_rate=3e-4, steps=1000, learning_rate_schedule="cosine"))
+    rates = [float(schedule(step)) for step in (0, 500, 1000)]
+    assert rates == pytest.approx([3e-4, 1.5e-4, 0.0], abs=1e-9)
+
+
 def test_loss_decreases_on_real_features(tmp_path, cifar_features):
     config = Config(name="t", steps=60, **{**SMALL, "batch_size": 200, "bits": 16, "hidden_dim": 256,
                                            "reconstruction": "sum", "learning_rate": 1e-3})

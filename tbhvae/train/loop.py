@@ -108,13 +108,25 @@ def _build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribut
     with strategy.scope():
         model = TwinBottleneckHashing(config, feature_set.dim, dataset_size=len(feature_set.train_features))
         model.adapt(feature_set.train_features)
-        actor = keras.optimizers.Adam(config.learning_rate, name="actor_adam")
+        actor = keras.optimizers.Adam(actor_learning_rate(config), name="actor_adam")
         critic = keras.optimizers.Adam(config.critic_learning_rate, name="critic_adam")
         if config.mixed_precision == "mixed_float16":
             actor, critic = keras.optimizers.LossScaleOptimizer(actor), keras.optimizers.LossScaleOptimizer(critic)
         model.compile(actor_optimizer=actor, critic_optimizer=critic, optimizer=actor, auto_scale_loss=False)
         model.build_all()
     return model, actor, critic
+
+
+def actor_learning_rate(config: Config):
+    """The encoder/decoder learning rate: a float, or a schedule of the optimiser's step.
+
+    "cosine" decays from `learning_rate` to 0 at `steps` (Loshchilov & Hutter's
+    SGDR without restarts); raising --steps on a resumed run stretches the decay
+    from that point on.
+    """
+    if config.learning_rate_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=config.steps)
+    return config.learning_rate
 
 
 def _restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
