@@ -13,6 +13,7 @@ def get_config() -> Config:
         name="cifar10_tbh",
         binary_bottleneck="adversarial",
         continuous_bottleneck="adversarial",
+        features_extractor="efficientnet_lite0",  # made ../shared/data/cifar10_effnetlite0.npz
         input_scaling="l2",
         similarity_weight=16.0,
         similarity_target="anchor",

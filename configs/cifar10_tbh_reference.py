@@ -7,6 +7,7 @@ def get_config() -> Config:
         name="cifar10_tbh_reference",
         binary_bottleneck="adversarial",
         continuous_bottleneck="adversarial",
+        features_extractor="efficientnet_lite0",  # made ../shared/data/cifar10_effnetlite0.npz
         bits=32,
         batch_size=400,
         steps=5000,

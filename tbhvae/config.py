@@ -34,6 +34,9 @@ class Config:
     images: str = "tfds:cifar10"  # image source for extraction ("tfds:NAME" or JPEG .npz)
     backbone: str = "vgg16_fc7"  # feature extractor for `images` (see tbhvae.data.extraction)
     backbone_weights: str = "imagenet"  # "imagenet" | "none" | path to a weights file
+    # backbone (ImageNet weights) that made `features` when the file does not record it; recorded in
+    # the run, so that export adds image signatures with it ("" = unknown: features only)
+    features_extractor: str = ""
     data_dir: str = ""  # TFDS data_dir ("" = TFDS default)
     cache_dir: str = "~/.cache/tbhvae"  # extracted feature cache
     input_scaling: Literal["none", "standardize", "l2"] = "none"  # none: as the reference code; l2: unit-norm rows

@@ -108,7 +108,8 @@ class SavedModelEncoder(Encoder):
 
 
 class LiteEncoder(Encoder):
-    """A TFLite file's serving_default signature run by LiteRT."""
+    """A TFLite file's serving_default signature run by LiteRT: features in, or (images_*.tflite,
+    `image_input`) images uint8 [N, H, W, 3] in through `encode_images`."""
 
     def __init__(self, model: str | os.PathLike | bytes, num_threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
@@ -124,12 +125,30 @@ class LiteEncoder(Encoder):
         if "serving_default" not in signatures:
             raise ExportError(f"{self.description}: no serving_default signature (has {', '.join(signatures)})")
         self.runner = self.interpreter.get_signature_runner("serving_default")
-        details = self.runner.get_input_details()["features"]
-        self.input_dim = int(details["shape_signature"][1])
+        inputs = self.runner.get_input_details()
+        self.image_input = "images" in inputs
+        self.input_dim = None if self.image_input else int(inputs["features"]["shape_signature"][1])
         self.bits = int(self.runner.get_output_details()["bits"]["shape_signature"][1])
+
+    def encode(self, features, batch_size: int = 4096) -> dict[str, np.ndarray]:
+        if self.image_input:
+            raise ExportError(f"{self.description}: takes images, not features; use encode_images")
+        return super().encode(features, batch_size)
 
     def _run(self, batch):
         return {k: np.array(v) for k, v in self.runner(features=batch).items()}
+
+    def encode_images(self, images, batch_size: int = 64) -> dict[str, np.ndarray]:
+        """Outputs for images uint8 [N, H, W, 3] (any H, W: the file resizes) of an images_*.tflite."""
+        images = np.asarray(images)
+        if not self.image_input:
+            raise ExportError(f"{self.description}: takes features, not images; use encode")
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images: expected uint8 [batch, height, width, 3], got {images.dtype} "
+                             f"{list(images.shape)}")
+        parts = [{k: np.array(v) for k, v in self.runner(images=images[i:i + batch_size]).items()}
+                 for i in range(0, len(images), batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
 
 
 def open_encoder(path: str | os.PathLike, num_threads: int | None = None) -> Encoder:

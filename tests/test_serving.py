@@ -19,6 +19,7 @@ from conftest import REPO_ROOT
 from tbhvae import encoders, export, train
 from tbhvae.config import Config
 from tbhvae.data import FeatureSet, save_features
+from tbhvae.data.images import decode_rgb
 
 TINY = dict(bits=12, hidden_dim=32, continuous_dim=16, batch_size=64, steps=10, log_every=5,
             checkpoint_every=5, eval_every=0, eval_queries=20, jit_compile=False, steps_per_execution=5)
@@ -279,7 +280,7 @@ def test_image_signatures_run_the_backbone(synthetic_run, tmp_path):
     jpegs = [tf.io.encode_jpeg(image).numpy() for image in images] + [
         tf.io.encode_jpeg(tf.zeros([20, 30, 3], tf.uint8)).numpy()]  # sizes may differ
     by_jpeg = loaded.signatures["encode_jpeg"](encoded_jpeg=tf.constant(jpegs))
-    decoded = loaded.signatures["encode_images"](images=tf.stack([tf.io.decode_jpeg(j) for j in jpegs[:3]]))
+    decoded = loaded.signatures["encode_images"](images=tf.stack([decode_rgb(j) for j in jpegs[:3]]))
     np.testing.assert_array_equal(by_jpeg["bits"].numpy()[:3], decoded["bits"].numpy())
     batched = encoders.SavedModelEncoder(path).encode_jpeg(jpegs, batch_size=3)  # as tbhvae.retrieval does
     np.testing.assert_array_equal(batched["bits"], by_jpeg["bits"].numpy())
@@ -288,6 +289,34 @@ def test_image_signatures_run_the_backbone(synthetic_run, tmp_path):
     answer = rest_emulator.rest_predict(loaded, {"signature_name": "encode_jpeg", "instances": [
         {"b64": base64.b64encode(j).decode()} for j in jpegs]})
     assert [p["bits"] for p in answer["predictions"]] == by_jpeg["bits"].numpy().tolist()
+
+
+def test_image_tflite_variants_hold_the_backbone_and_match_the_feature_path(synthetic_run, tmp_path):
+    own_features = dataclasses.replace(synthetic_run, config=synthetic_run.config.replace(
+        features="", backbone="mobilenet_v2", backbone_weights="none"))
+    backbone = export.run_backbone(own_features, input_size=32)
+    path = export.export_saved_model(synthetic_run, tmp_path / "saved", "img", backbone)
+    pixels = np.random.default_rng(1).integers(0, 256, (12, 40, 52, 3), dtype=np.uint8)
+    jpegs = [tf.io.encode_jpeg(image, quality=95).numpy() for image in pixels]
+    decoded = np.stack([decode_rgb(j).numpy() for j in jpegs])
+    features = backbone.model(backbone.preprocess(decoded), training=False).numpy()  # the feature path
+    files = export.write_tflite_variants(path, tmp_path / "tflite", features, variants=("float32", "int8"),
+                                         representative_images=decoded)
+    assert set(files) == {"float32", "int8", "images_float32", "images_int8"}
+    lite = {k: encoders.LiteEncoder(files[k]) for k in ("images_float32", "images_int8")}
+    report = export.image_parity_report(encoders.KerasEncoder(synthetic_run), features, jpegs,
+                                        encoders.SavedModelEncoder(path), lite, files)
+    assert report["rows"]["saved_model_jpeg"]["bit_agreement"] == 1.0
+    assert report["rows"]["images_float32"]["bit_agreement"] >= 0.99
+    assert report["rows"]["images_int8"]["packed_matches_bits"] and report["examples"] == 12
+    in_batches = lite["images_float32"].encode_images(decoded, batch_size=5)
+    np.testing.assert_array_equal(in_batches["bits"], lite["images_float32"].encode_images(decoded)["bits"])
+    with pytest.raises(export.ExportError, match="takes images, not features"):
+        lite["images_float32"].encode(features)
+    with pytest.raises(ValueError, match="uint8"):
+        lite["images_float32"].encode_images(decoded.astype(np.float32))
+    with pytest.raises(export.ExportError, match="takes features, not images"):
+        encoders.LiteEncoder(files["float32"]).encode_images(decoded)
 
 
 def test_backbone_of_the_wrong_size_is_rejected(synthetic_run):

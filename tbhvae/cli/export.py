@@ -10,6 +10,8 @@ writes the SavedModel `exported/tbh/<next version>/` (TF Serving layout; signatu
 next version `<tflite_dir>/<version>/`
 (so an earlier export is never replaced), with a parity report against the Keras
 model over the test features (`parity.json` next to the TFLite files, and a table on stdout).
+With a backbone and `--images IMAGES.npz`, also `images_<variant>.tflite` (pixels in,
+codes out) and a report of codes from images against the feature path of the same rows.
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ def define_flags() -> None:
                         "TFLITE_DIR/<next version>/.")
     flags.DEFINE_string("features", None, "Feature .npz for int8 calibration (train split) and the parity "
                         "report (test split); default: the run's config.features.")
+    flags.DEFINE_string("images", None, "JPEG .npz aligned with --features (row i, or the feature file's "
+                        "train_index / test_index): with a backbone and --tflite_dir, also write images_*.tflite "
+                        "(pixels in, codes out) and compare codes from images with the feature path.")
+    flags.DEFINE_integer("image_parity_examples", 2000, "Test images in the image parity report.", lower_bound=1)
     flags.DEFINE_string("backbone", None, "Add image signatures with this backbone (default: the extractor "
                         "recorded for the run's features, when known).")
     flags.DEFINE_string("backbone_weights", None, "imagenet, none or a weights file (default: the run's).")
@@ -68,17 +74,49 @@ def parity_features(run, path: str | None):
     return feature_set
 
 
-def write_tflite(run, path, representative, test):
-    """The TFLite variants and parity.json in a new version of --tflite_dir: (files, report, version dir)."""
-    from tbhvae import encoders, export
+def image_rows(feature_set, split: str, count: int | None = None):
+    """(feature rows, image rows) of `split`: a class-stratified sample of `count` (all when None);
+    image rows from the feature file's `<split>_index`, else equal to the feature rows."""
+    import numpy as np
 
+    from tbhvae.protocol import stratified_sample
+
+    labels = getattr(feature_set, f"{split}_labels")
+    rows = stratified_sample(labels, count) if count else np.arange(len(labels))
+    index = getattr(feature_set, f"{split}_index")
+    return rows, (index[rows] if index is not None else rows)
+
+
+def write_tflite(run, path, representative, test, feature_set, with_images: bool):
+    """The TFLite variants and parity.json in a new version of --tflite_dir: (files, report, version dir)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tbhvae import encoders, export
+    from tbhvae.data.images import decode_rgb
+    from tbhvae.retrieval import jpeg_rows
+
+    pixels = None
+    if with_images:  # calibration images: the int8 variant sees pixels of the training rows it calibrates on
+        _, source_rows = image_rows(feature_set, "train", len(representative))
+        pixels = np.stack([decode_rgb(tf.constant(j)).numpy() for j in jpeg_rows(FLAGS.images, "train", source_rows)])
     with export.new_version(FLAGS.tflite_dir) as version:  # never replaces an earlier export
-        files = export.write_tflite_variants(path, version.staging, representative)
-        candidates = {"saved_model": encoders.SavedModelEncoder(path)}
-        candidates.update({k: encoders.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()})
-        report = export.parity_report(encoders.KerasEncoder(run), candidates, test, files, FLAGS.latency_repeats)
+        files = export.write_tflite_variants(path, version.staging, representative, representative_images=pixels)
+        lite = {k: encoders.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()}
+        feature_files = {k: p for k, p in files.items() if not k.startswith("images_")}
+        candidates = {"saved_model": encoders.SavedModelEncoder(path),
+                      **{k: v for k, v in lite.items() if k in feature_files}}
+        report = export.parity_report(encoders.KerasEncoder(run), candidates, test, feature_files,
+                                      FLAGS.latency_repeats)
         report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
                       representative_examples=len(representative), num_threads=FLAGS.num_threads)
+        if with_images:
+            rows, source_rows = image_rows(feature_set, "test", FLAGS.image_parity_examples)
+            image_lite = {k: v for k, v in lite.items() if k not in feature_files}
+            report["images"] = export.image_parity_report(
+                encoders.KerasEncoder(run), feature_set.test_features[rows],
+                jpeg_rows(FLAGS.images, "test", source_rows), candidates["saved_model"], image_lite, files)
+            report["images"]["source"] = str(FLAGS.images)
         (version.staging / "parity.json").write_text(json.dumps(report, indent=2))
     return files, report, version.final
 
@@ -89,6 +127,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)  # TensorFlow's saver chatter; --verbosity=0 shows it
     from tbhvae import export  # after flag parsing: --help stays fast
     from tbhvae.checks import check_writable
+    from tbhvae.retrieval import RetrievalError
 
     try:  # both outputs before any work: a TFLite dir that fails must not leave a SavedModel behind
         check_writable(FLAGS.out, "--out", export.ExportError, directory=True)
@@ -109,14 +148,19 @@ def main(argv):
           f"{path.parent.parent / export.MODELS_CONFIG_FILE} (models under {FLAGS.serving_root})")
     if not FLAGS.tflite_dir:
         return
-    representative = export.representative_rows(feature_set.train_features, FLAGS.representative_examples)
+    rows, _ = image_rows(feature_set, "train", FLAGS.representative_examples) if FLAGS.images else (None, None)
+    representative = (feature_set.train_features[rows] if rows is not None else
+                      export.representative_rows(feature_set.train_features, FLAGS.representative_examples))
     test = feature_set.test_features[:FLAGS.parity_examples or None]
     try:
-        files, report, version_dir = write_tflite(run, path, representative, test)
-    except export.ExportError as err:
+        files, report, version_dir = write_tflite(run, path, representative, test, feature_set,
+                                                  with_images=bool(FLAGS.images and backbone))
+    except (export.ExportError, RetrievalError) as err:
         fail(f"{err} (the SavedModel {path} was written)")
     print("TFLite files: " + ", ".join(str(version_dir / p.name) for p in files.values()))
     print(export.format_parity_table(report))
+    if "images" in report:
+        print("from images: " + export.format_parity_table(report["images"]))
     print(f"parity report written to {version_dir / 'parity.json'}")
     int8 = report["rows"]["int8"]["bit_agreement"]
     if int8 < 0.98:

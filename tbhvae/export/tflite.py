@@ -1,7 +1,9 @@
 """TFLite conversion of an exported encoder: float32, float16, dynamic-range and int8 variants.
 
-Each variant holds the encode_features signature under the key "serving_default",
-with the same input (features float32 [B, D]) and output names (bits, packed, probs).
+Each variant holds one SavedModel signature under the key "serving_default", with
+its input and output names (bits, packed, probs): `<variant>.tflite` encode_features
+(features float32 [B, D]); `images_<variant>.tflite`, for exports with a backbone,
+encode_images (images uint8 [B, H, W, 3]: the backbone and the hash head in one file).
 """
 from __future__ import annotations
 
@@ -19,29 +21,30 @@ TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 
 def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
-                   representative_features: np.ndarray | None = None) -> bytes:
-    """Converts the encode_features signature of a SavedModel to a TFLite flatbuffer.
+                   representative: np.ndarray | None = None, signature: str = "encode_features") -> bytes:
+    """Converts one signature of a SavedModel (encode_features or encode_images) to a TFLite flatbuffer.
 
     variant: "float32"; "float16" (weights stored as float16); "dynamic" (int8
     weights, float activations); "int8" (int8 weights and activations calibrated
-    on `representative_features` float32 [N, D]; the float32 input and the
-    outputs keep their types, bits/packed are computed from the int8 logits).
-    Built-in ops only.
+    on `representative` rows of the signature's input: features float32 [N, D]
+    or images uint8 [N, H, W, 3]; the input and the outputs keep their types,
+    bits/packed are computed from the int8 logits). Built-in ops only.
     """
     if variant not in TFLITE_VARIANTS:
         raise ExportError(f"TFLite variant '{variant}': use one of {', '.join(TFLITE_VARIANTS)}")
     loaded = tf.saved_model.load(str(saved_model_dir))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions(
-        [loaded.signatures["encode_features"]], loaded)
+    if signature not in loaded.signatures:
+        raise ExportError(f"{saved_model_dir}: has no signature '{signature}' (has {', '.join(loaded.signatures)})")
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([loaded.signatures[signature]], loaded)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if variant != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if variant == "int8":
-        if representative_features is None or not len(representative_features):
-            raise ExportError("the int8 TFLite variant needs representative training features for calibration")
-        samples = np.asarray(representative_features, np.float32)
+        if representative is None or not len(representative):
+            raise ExportError("the int8 TFLite variant needs representative training rows for calibration")
+        samples = np.asarray(representative)
         converter.representative_dataset = lambda: ([samples[i:i + 1]] for i in range(len(samples)))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     with warnings.catch_warnings():
@@ -58,10 +61,16 @@ def representative_rows(features: np.ndarray, count: int, seed: int = 0) -> np.n
 
 def write_tflite_variants(saved_model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                           representative_features: np.ndarray,
-                          variants: tuple[str, ...] = TFLITE_VARIANTS) -> dict[str, Path]:
-    """Writes `out_dir/<variant>.tflite` (each atomically) for each variant; returns variant -> path."""
+                          variants: tuple[str, ...] = TFLITE_VARIANTS,
+                          representative_images: np.ndarray | None = None) -> dict[str, Path]:
+    """Writes `out_dir/<variant>.tflite` (each atomically) for each variant and, given
+    `representative_images` uint8 [N, H, W, 3], `out_dir/images_<variant>.tflite` too.
+    Returns name ("float32", ..., "images_float32", ...) -> path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {variant: atomic_write(out_dir / f"{variant}.tflite",
-                                  convert_tflite(saved_model_dir, variant, representative_features))
-            for variant in variants}
+    jobs = [(variant, representative_features, "encode_features") for variant in variants]
+    if representative_images is not None:
+        jobs += [(f"images_{variant}", representative_images, "encode_images") for variant in variants]
+    return {name: atomic_write(out_dir / f"{name}.tflite",
+                               convert_tflite(saved_model_dir, name.removeprefix("images_"), rows, signature))
+            for name, rows, signature in jobs}

@@ -22,6 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tbhvae import evaluation
 from tbhvae.checks import atomic_write, first_line
@@ -91,7 +92,8 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
         distribute.check_same_start(strategy, start_step)
     if chief:
         try:
-            run.write_config(config, feature_set.dim, len(feature_set.train_features), feature_set.extractor)
+            run.write_config(config, feature_set.dim, len(feature_set.train_features),
+                             features_extractor(config, feature_set))
         except OSError as err:
             raise run.cannot_write(err) from None
     checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")
@@ -101,6 +103,28 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
     finally:
         if not chief:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+
+def features_extractor(config: Config, feature_set: FeatureSet) -> dict | None:
+    """The extractor recorded for the run: the feature file's own record, else `features_extractor`
+    when its output dimension is that of the features (a config used with other features records none)."""
+    if feature_set.extractor is not None or not config.features_extractor:
+        recorded = feature_set.extractor
+        if recorded is not None and config.features_extractor not in ("", recorded["backbone"]):
+            logging.warning("features_extractor=%s ignored: %s records its extractor, %s", config.features_extractor,
+                            config.features, feature_set.extractor["backbone"])
+        return feature_set.extractor
+    from tbhvae.data.extraction import BACKBONES  # heavy (keras.applications); only when needed
+
+    if config.features_extractor not in BACKBONES:
+        raise ConfigError(f"config key 'features_extractor' must be one of {', '.join(BACKBONES)} or empty, "
+                          f"got '{config.features_extractor}'")
+    if BACKBONES[config.features_extractor].output_dim != feature_set.dim:
+        logging.warning("features_extractor=%s ignored: it gives %d-d features, %s holds %d-d ones",
+                        config.features_extractor, BACKBONES[config.features_extractor].output_dim,
+                        config.features, feature_set.dim)
+        return None
+    return {"backbone": config.features_extractor, "weights": "imagenet", "input_size": None}
 
 
 def _build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribute.Strategy):

@@ -55,12 +55,13 @@ def _write_sprite(path: Path, images: str, rows: np.ndarray) -> None:
     """A square grid of THUMBNAIL-pixel thumbnails of the train images `rows`, row-major (the projector's order)."""
     from PIL import Image
 
+    from tbhvae.data.images import decode_rgb
     from tbhvae.retrieval import jpeg_rows
 
     side = int(np.ceil(np.sqrt(len(rows))))
     sprite = Image.new("RGB", (side * THUMBNAIL, side * THUMBNAIL), (255, 255, 255))
     for position, encoded in enumerate(jpeg_rows(images, "train", rows)):
-        thumbnail = tf.image.resize(tf.io.decode_image(encoded, channels=3, expand_animations=False),
+        thumbnail = tf.image.resize(decode_rgb(encoded),
                                     [THUMBNAIL, THUMBNAIL]).numpy().clip(0, 255).astype(np.uint8)
         sprite.paste(Image.fromarray(thumbnail), ((position % side) * THUMBNAIL, (position // side) * THUMBNAIL))
     sprite.save(path)
