@@ -26,6 +26,22 @@ def _check_features(features, dim: int) -> np.ndarray:
     return features.astype(np.float32, copy=False)
 
 
+def median_ms(call, repeats: int) -> float:
+    """Median milliseconds of `call()` over `repeats` calls, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def _concatenate(parts: list[dict]) -> dict[str, np.ndarray]:
+    """The outputs of consecutive batches, joined row-wise per output name."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+
+
 class Encoder:
     """Features float [N, D] -> dict of numpy outputs (bits, packed, probs), batched.
 
@@ -39,20 +55,12 @@ class Encoder:
     def encode(self, features, batch_size: int = 4096) -> dict[str, np.ndarray]:
         features = _check_features(features, self.input_dim)
         parts = [self._run(features[i:i + batch_size]) for i in range(0, len(features), batch_size)]
-        if not parts:
-            parts = [self._run(features)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+        return _concatenate(parts or [self._run(features)])
 
     def latency_ms(self, features, batch_size: int = 1, repeats: int = 200) -> float:
         """Median milliseconds per call on batches of `batch_size` rows (after one warm-up call)."""
         batch = _check_features(features, self.input_dim)[:batch_size]
-        self._run(batch)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self._run(batch)
-            times.append(time.perf_counter() - start)
-        return 1000.0 * float(np.median(times))
+        return median_ms(lambda: self._run(batch), repeats)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -102,9 +110,8 @@ class SavedModelEncoder(Encoder):
             raise ExportError(f"{self.path}: has no image signatures (exported without a backbone); "
                               f"encode features instead, or export with --backbone")
         signature = self.loaded.signatures["encode_jpeg"]
-        parts = [{k: v.numpy() for k, v in signature(encoded_jpeg=tf.constant(encoded[i:i + batch_size])).items()}
-                 for i in range(0, len(encoded), batch_size)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+        return _concatenate([{k: v.numpy() for k, v in signature(
+            encoded_jpeg=tf.constant(encoded[i:i + batch_size])).items()} for i in range(0, len(encoded), batch_size)])
 
 
 class LiteEncoder(Encoder):
@@ -146,9 +153,8 @@ class LiteEncoder(Encoder):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images: expected uint8 [batch, height, width, 3], got {images.dtype} "
                              f"{list(images.shape)}")
-        parts = [{k: np.array(v) for k, v in self.runner(images=images[i:i + batch_size]).items()}
-                 for i in range(0, len(images), batch_size)]
-        return {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_NAMES}
+        return _concatenate([{k: np.array(v) for k, v in self.runner(images=images[i:i + batch_size]).items()}
+                             for i in range(0, len(images), batch_size)])
 
 
 def open_encoder(path: str | os.PathLike, num_threads: int | None = None) -> Encoder:

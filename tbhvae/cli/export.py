@@ -87,35 +87,33 @@ def image_rows(feature_set, split: str, count: int | None = None):
     return rows, (index[rows] if index is not None else rows)
 
 
-def write_tflite(run, path, representative, test, feature_set, with_images: bool):
-    """The TFLite variants and parity.json in a new version of --tflite_dir: (files, report, version dir)."""
-    import numpy as np
-    import tensorflow as tf
+def write_tflite(run, path, representative, test, feature_set, calibration_images=None):
+    """The TFLite variants and parity.json in a new version of --tflite_dir: (files, report, version dir).
 
+    calibration_images: rows of --images' train split aligned with `representative` (the
+    int8 image variant calibrates on the pixels of the rows the feature one calibrates on),
+    or None for the feature variants only."""
     from tbhvae import encoders, export
-    from tbhvae.data.images import decode_rgb
+    from tbhvae.data.images import decode_rgb_arrays
     from tbhvae.retrieval import jpeg_rows
 
-    pixels = None
-    if with_images:  # calibration images: the int8 variant sees pixels of the training rows it calibrates on
-        _, source_rows = image_rows(feature_set, "train", len(representative))
-        pixels = np.stack([decode_rgb(tf.constant(j)).numpy() for j in jpeg_rows(FLAGS.images, "train", source_rows)])
+    pixels = (decode_rgb_arrays(jpeg_rows(FLAGS.images, "train", calibration_images))
+              if calibration_images is not None else None)
     with export.new_version(FLAGS.tflite_dir) as version:  # never replaces an earlier export
         files = export.write_tflite_variants(path, version.staging, representative, representative_images=pixels)
         lite = {k: encoders.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()}
-        feature_files = {k: p for k, p in files.items() if not k.startswith("images_")}
-        candidates = {"saved_model": encoders.SavedModelEncoder(path),
-                      **{k: v for k, v in lite.items() if k in feature_files}}
-        report = export.parity_report(encoders.KerasEncoder(run), candidates, test, feature_files,
-                                      FLAGS.latency_repeats)
+        image_lite = {k: v for k, v in lite.items() if k.startswith("images_")}
+        reference, saved_model = encoders.KerasEncoder(run), encoders.SavedModelEncoder(path)
+        candidates = {"saved_model": saved_model, **{k: v for k, v in lite.items() if k not in image_lite}}
+        report = export.parity_report(reference, candidates, test,
+                                      {k: p for k, p in files.items() if k not in image_lite}, FLAGS.latency_repeats)
         report.update(saved_model=str(path), features=str(FLAGS.features or run.config.features),
                       representative_examples=len(representative), num_threads=FLAGS.num_threads)
-        if with_images:
+        if image_lite:
             rows, source_rows = image_rows(feature_set, "test", FLAGS.image_parity_examples)
-            image_lite = {k: v for k, v in lite.items() if k not in feature_files}
             report["images"] = export.image_parity_report(
-                encoders.KerasEncoder(run), feature_set.test_features[rows],
-                jpeg_rows(FLAGS.images, "test", source_rows), candidates["saved_model"], image_lite, files)
+                reference, feature_set.test_features[rows], jpeg_rows(FLAGS.images, "test", source_rows),
+                saved_model, image_lite, files)
             report["images"]["source"] = str(FLAGS.images)
         (version.staging / "parity.json").write_text(json.dumps(report, indent=2))
     return files, report, version.final
@@ -148,13 +146,16 @@ def main(argv):
           f"{path.parent.parent / export.MODELS_CONFIG_FILE} (models under {FLAGS.serving_root})")
     if not FLAGS.tflite_dir:
         return
-    rows, _ = image_rows(feature_set, "train", FLAGS.representative_examples) if FLAGS.images else (None, None)
-    representative = (feature_set.train_features[rows] if rows is not None else
-                      export.representative_rows(feature_set.train_features, FLAGS.representative_examples))
+    calibration_images = None
+    if FLAGS.images:
+        rows, source_rows = image_rows(feature_set, "train", FLAGS.representative_examples)
+        representative = feature_set.train_features[rows]
+        calibration_images = source_rows if backbone else None
+    else:
+        representative = export.representative_rows(feature_set.train_features, FLAGS.representative_examples)
     test = feature_set.test_features[:FLAGS.parity_examples or None]
     try:
-        files, report, version_dir = write_tflite(run, path, representative, test, feature_set,
-                                                  with_images=bool(FLAGS.images and backbone))
+        files, report, version_dir = write_tflite(run, path, representative, test, feature_set, calibration_images)
     except (export.ExportError, RetrievalError) as err:
         fail(f"{err} (the SavedModel {path} was written)")
     print("TFLite files: " + ", ".join(str(version_dir / p.name) for p in files.values()))

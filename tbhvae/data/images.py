@@ -89,6 +89,11 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def decode_rgb_arrays(encoded: list[bytes]) -> np.ndarray:
+    """Encoded images [N] of one size -> uint8 [N, H, W, 3] (`decode_rgb` each)."""
+    return np.stack([decode_rgb(tf.constant(data)).numpy() for data in encoded])
+
+
 class JpegNpzSource(ImageSource):
     """Images stored as concatenated JPEG bytes in an `.npz` (layout in the module docstring)."""
 

@@ -1,7 +1,7 @@
 """Parity of exported encoders with the Keras model: code agreement, size and latency per encoder."""
 from __future__ import annotations
 
-import time
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,9 @@ def parity_report(reference: KerasEncoder, candidates: dict[str, Encoder], featu
             "rows": rows}
 
 
+IMAGE_REPEATS = 20  # timed single-image calls per encoder (a backbone call costs ~100x a feature call)
+
+
 def image_parity_report(reference: KerasEncoder, features: np.ndarray, jpegs: list[bytes], saved_model,
                         lite: dict[str, Encoder], files: dict[str, Path] | None = None) -> dict:
     """Codes from images against the feature path: the same rows as features float32 [N, D] and
@@ -62,33 +65,22 @@ def image_parity_report(reference: KerasEncoder, features: np.ndarray, jpegs: li
     LiteEncoder of an images_*.tflite, fed the decoded pixels uint8 [N, H, W, 3] (one size).
     Same rows and units as `parity_report`; latency_ms is per image, batch of 1, from pixels.
     """
-    import tensorflow as tf
-
-    from tbhvae.data.images import decode_rgb
+    from tbhvae.data.images import decode_rgb_arrays
+    from tbhvae.encoders import median_ms  # encoders import tbhvae.export: not at module level
 
     files = files or {}
     expected = reference.encode(features)
     logits = reference.logits(features)
-    pixels = np.stack([decode_rgb(tf.constant(j)).numpy() for j in jpegs])
-    rows = {"saved_model_jpeg": {**compare_codes(expected, logits, saved_model.encode_jpeg(jpegs)),
-                                 "size_bytes": None, "latency_ms": _median_ms(saved_model.encode_jpeg, jpegs[:1])}}
+    pixels = decode_rgb_arrays(jpegs)
+    jpeg_latency = median_ms(functools.partial(saved_model.encode_jpeg, jpegs[:1]), IMAGE_REPEATS)
+    rows = {"saved_model_jpeg": {**compare_codes(expected, logits, saved_model.encode_jpeg(jpegs)), "size_bytes": None,
+                                 "latency_ms": jpeg_latency}}
     for name, encoder in lite.items():
         rows[name] = {**compare_codes(expected, logits, encoder.encode_images(pixels)),
                       "size_bytes": int(files[name].stat().st_size) if name in files else None,
-                      "latency_ms": _median_ms(encoder.encode_images, pixels[:1])}
+                      "latency_ms": median_ms(functools.partial(encoder.encode_images, pixels[:1]), IMAGE_REPEATS)}
     return {"examples": int(len(features)), "bits": reference.bits, "reference": f"{reference.description} "
             f"on the features of the same rows", "rows": rows}
-
-
-def _median_ms(call, batch, repeats: int = 20) -> float:
-    """Median milliseconds of call(batch) over `repeats` calls after one warm-up call."""
-    call(batch)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call(batch)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
 
 
 def format_parity_table(report: dict) -> str:

@@ -59,14 +59,15 @@ def train(config: Config, model_dir: str | os.PathLike, strategy: tf.distribute.
     if config.batch_size > len(feature_set.train_features):
         raise DataError(f"batch_size {config.batch_size} exceeds the {len(feature_set.train_features)} "
                         f"training examples; use --set batch_size={len(feature_set.train_features)} or less")
+    extractor = features_extractor(config, feature_set)
     chief = distribute.is_chief(strategy)
     # Only the chief writes into model_dir, so only it takes the lock; the other workers read.
     with run.lock() if chief else contextlib.nullcontext(), distribute.precision_policy(config.mixed_precision):
-        return _train_in(run, config, strategy, fresh, feature_set, chief)
+        return _train_in(run, config, strategy, fresh, feature_set, extractor, chief)
 
 
 def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strategy, fresh: bool,
-              feature_set: FeatureSet, chief: bool) -> dict:
+              feature_set: FeatureSet, extractor: dict | None, chief: bool) -> dict:
     """train() after the cheap checks, holding the run directory's lock on the chief."""
     if not fresh:
         run.check_compatible(config, feature_set.dim)
@@ -92,8 +93,7 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
         distribute.check_same_start(strategy, start_step)
     if chief:
         try:
-            run.write_config(config, feature_set.dim, len(feature_set.train_features),
-                             features_extractor(config, feature_set))
+            run.write_config(config, feature_set.dim, len(feature_set.train_features), extractor)
         except OSError as err:
             raise run.cannot_write(err) from None
     checkpoint_dir = str(run.checkpoints) if chief else tempfile.mkdtemp(prefix="tbhvae-worker-ckpt-")
@@ -108,23 +108,24 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
 def features_extractor(config: Config, feature_set: FeatureSet) -> dict | None:
     """The extractor recorded for the run: the feature file's own record, else `features_extractor`
     when its output dimension is that of the features (a config used with other features records none)."""
-    if feature_set.extractor is not None or not config.features_extractor:
-        recorded = feature_set.extractor
-        if recorded is not None and config.features_extractor not in ("", recorded["backbone"]):
-            logging.warning("features_extractor=%s ignored: %s records its extractor, %s", config.features_extractor,
-                            config.features, feature_set.extractor["backbone"])
-        return feature_set.extractor
+    recorded, declared = feature_set.extractor, config.features_extractor
+    if recorded is not None:
+        if declared not in ("", recorded["backbone"]):
+            logging.warning("features_extractor=%s ignored: %s records its extractor, %s", declared,
+                            config.features, recorded["backbone"])
+        return recorded
+    if not declared:
+        return None
     from tbhvae.data.extraction import BACKBONES  # heavy (keras.applications); only when needed
 
-    if config.features_extractor not in BACKBONES:
+    if declared not in BACKBONES:
         raise ConfigError(f"config key 'features_extractor' must be one of {', '.join(BACKBONES)} or empty, "
-                          f"got '{config.features_extractor}'")
-    if BACKBONES[config.features_extractor].output_dim != feature_set.dim:
+                          f"got '{declared}'")
+    if BACKBONES[declared].output_dim != feature_set.dim:
         logging.warning("features_extractor=%s ignored: it gives %d-d features, %s holds %d-d ones",
-                        config.features_extractor, BACKBONES[config.features_extractor].output_dim,
-                        config.features, feature_set.dim)
+                        declared, BACKBONES[declared].output_dim, config.features, feature_set.dim)
         return None
-    return {"backbone": config.features_extractor, "weights": "imagenet", "input_size": None}
+    return {"backbone": declared, "weights": "imagenet", "input_size": None}
 
 
 def _build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribute.Strategy):
