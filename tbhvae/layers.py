@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 DEGREE_EPSILON = 1e-8  # keeps D^-1/2 finite for isolated nodes
@@ -82,8 +83,9 @@ class InputScaling(keras.layers.Layer):
         """Sets the statistics from training features float [N, D] (numpy)."""
         if self.mode == "standardize":
             std = features.std(axis=0)
+            spread = std + 1e-3 * std.mean()  # relative floor: any feature scale, constant dims stay finite
             self.shift.assign(features.mean(axis=0))
-            self.scale.assign(1.0 / (std + 1e-3 * std.mean() + 1e-12))
+            self.scale.assign(1.0 / np.where(spread > 0, spread, 1.0))
 
     def call(self, features):
         features = tf.cast(features, self.compute_dtype)

@@ -57,3 +57,17 @@ def test_input_scaling_modes():
     l2 = layers.InputScaling("l2", 6)(tf.constant(x)).numpy()
     np.testing.assert_allclose(np.linalg.norm(l2, axis=1), np.sqrt(6), rtol=1e-5)
     np.testing.assert_array_equal(layers.InputScaling("none", 6)(tf.constant(x)).numpy(), x)
+
+
+@pytest.mark.parametrize("scale", [1e-13, 1.0, 1e6])
+def test_standardize_is_the_same_at_any_feature_scale(scale):
+    """Features of any magnitude (a randomly initialised backbone gives ~1e-13) standardise alike;
+    a constant dimension maps to a constant near 0 (float32 rounding of its mean), not to inf or NaN."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(3.0, 2.0, size=(300, 5))
+    x[:, 4] = 7.0
+    scaled = layers.InputScaling("standardize", 5)
+    scaled.adapt((x * scale).astype(np.float32))
+    y = scaled(tf.constant((x * scale).astype(np.float32))).numpy()
+    np.testing.assert_allclose(y[:, :4].std(0), 1, atol=2e-3)
+    assert np.ptp(y[:, 4]) == 0 and abs(y[0, 4]) < 0.05
