@@ -306,3 +306,9 @@ def draw(encoder: str, features: str | None, images: str, index_path: str, figur
                              description=f"queries from {features or images} against {index_path}")
         print(f"TensorBoard image written to {logdir} (tensorboard --logdir {logdir})")
     return picture
+
+
+if __name__ == "__main__":  # python -m tbhvae.retrieval: the same command as tbhvae-retrieval
+    from tbhvae.cli.retrieval import run
+
+    run()

@@ -5,7 +5,7 @@
 
 `--encoder` is an exported SavedModel (with image signatures, i.e. exported with a
 backbone, for image queries); `--index` a HammingIndex built by it
-(`python -m tbhvae.cli.retrieval build`, refused when another encoder built it);
+(`python -m tbhvae.retrieval build`, refused when another encoder built it);
 `--images` the JPEG .npz whose train rows are the index ids (thumbnails, test-image
 queries). Then open http://127.0.0.1:8000/ in a browser. The API:
 
@@ -27,15 +27,11 @@ list of class ids (multi-hot labels) or null. A bad request gets a 4xx answer
 import io
 import json
 import logging
-import socket
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from absl import flags
 
-from tbhvae.cli import expect_no_arguments, fail, run_main
-
-FLAGS = flags.FLAGS
 MAX_UPLOAD_BYTES = 10 * 2**20  # a larger request body is refused with 413 before it is read whole
 MAX_PIXELS = 40_000_000  # uploads beyond this are refused (a small file can decode to gigabytes)
 MAX_TEST_IMAGES = 200  # most rows /test_images lists at once
@@ -389,7 +385,7 @@ def create_app(service: SearchService, max_upload_bytes: int = MAX_UPLOAD_BYTES)
     @app.get("/", response_class=HTMLResponse)
     def page():
         config = json.dumps(service.page_config()).replace("</", "<\\/")
-        return HTMLResponse(PAGE.replace("/*CONFIG*/null", config))
+        return HTMLResponse(page_html().replace("/*CONFIG*/null", config))
 
     @app.post("/search")
     async def search(request: Request):
@@ -425,303 +421,12 @@ def create_app(service: SearchService, max_upload_bytes: int = MAX_UPLOAD_BYTES)
     return app
 
 
-# ------------------------------------------------------------------ command line
-def define_flags() -> None:
-    """Defines the flags (called by `run`, so that importing this module defines none)."""
-    flags.DEFINE_string("encoder", None, "Exported SavedModel directory (with image signatures for image "
-                        "queries) that built the index.", required=True)
-    flags.DEFINE_string("index", None, "HammingIndex file (.npz) of `python -m tbhvae.cli.retrieval build`.",
-                        required=True)
-    flags.DEFINE_string("images", None, "JPEG .npz whose train rows are the index ids (cifar10_jpeg.npz): "
-                        "thumbnails and test-image queries.")
-    flags.DEFINE_integer("port", 8000, "TCP port to listen on.", lower_bound=1, upper_bound=65535)
-    flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).")
-    flags.DEFINE_integer("max_k", 100, "Largest k a request may ask for.", lower_bound=1)
+def page_html() -> str:
+    """The search page (search_page.html, self-contained); the app fills in its CONFIG."""
+    return resources.files("tbhvae").joinpath("search_page.html").read_text(encoding="utf-8")
 
 
-def _check_port(host: str, port: int) -> None:
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    except OSError as err:
-        fail(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose another --port")
+if __name__ == "__main__":  # python -m tbhvae.serve: the same command as tbhvae-serve
+    from tbhvae.cli.serve import run
 
-
-def main(argv) -> None:
-    expect_no_arguments(argv)
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import uvicorn
-    except ImportError as err:
-        fail(f"the search service needs fastapi, uvicorn and python-multipart ({err}); "
-             f"pip install 'tbhvae[serve]'")
-    _check_port(FLAGS.host, FLAGS.port)  # before loading the model, which takes a while
-    from tbhvae.export import ExportError
-    from tbhvae.retrieval import RetrievalError
-
-    logging.getLogger("tbhvae.serve").setLevel(logging.INFO)
-    try:
-        service = SearchService.open(FLAGS.encoder, FLAGS.index, FLAGS.images, FLAGS.max_k)
-    except (RetrievalError, ExportError) as err:
-        fail(str(err))
-    log.info("serving %d codes of %d bits from %s on http://%s:%d/", len(service.index), service.index.bits,
-             FLAGS.index, FLAGS.host, FLAGS.port)
-    uvicorn.run(create_app(service), host=FLAGS.host, port=FLAGS.port, log_level="info")
-
-
-def run() -> None:
-    """Console entry point `tbhvae-serve`."""
-    define_flags()
-    run_main(main, __name__)
-
-
-# ------------------------------------------------------------------ the page
-PAGE = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>TBH-VAE image search</title>
-<style>
-:root { --hit: #1f9d55; --miss: #d64545; --neutral: #9aa1ad; --ink: #1d2433; --muted: #6b7280;
-        --bg: #f2f4f8; --card: #fff; --accent: #3556d8; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", sans-serif;
-       color: var(--ink); background: var(--bg); }
-header { background: linear-gradient(135deg, #232c4a, #3556d8); color: #fff; padding: 18px 32px; }
-header h1 { margin: 0; font-size: 22px; font-weight: 650; letter-spacing: .01em; }
-header p { margin: 4px 0 0; opacity: .85; font-size: 13px; }
-main { max-width: 1240px; margin: 0 auto; padding: 20px 32px 40px; }
-.panel { background: var(--card); border-radius: 10px; box-shadow: 0 1px 3px rgba(20, 30, 60, .1);
-         padding: 16px 20px; margin-bottom: 18px; }
-.panel h2 { font-size: 12px; text-transform: uppercase; letter-spacing: .08em; color: var(--muted);
-            margin: 0 0 12px; font-weight: 650; }
-.controls { display: flex; gap: 22px; align-items: center; flex-wrap: wrap; }
-.drop { display: flex; align-items: center; gap: 12px; border: 2px dashed #c3c9d8; border-radius: 8px;
-        padding: 12px 18px; cursor: pointer; color: var(--muted); transition: background .15s, border-color .15s; }
-.drop:hover, .drop.over { border-color: var(--accent); background: #eef2ff; color: var(--ink); }
-.drop input { display: none; }
-.drop .button { background: var(--accent); color: #fff; border-radius: 6px; padding: 6px 14px; font-weight: 600; }
-label.k { color: var(--muted); }
-label.k input { width: 64px; margin-left: 6px; padding: 5px 8px; font: inherit; border: 1px solid #c3c9d8;
-                border-radius: 6px; }
-#picker { display: flex; gap: 8px; overflow-x: auto; padding: 2px 2px 8px; }
-#picker button { flex: none; border: 3px solid transparent; padding: 0; border-radius: 7px; background: #e7eaf1;
-                 cursor: pointer; transition: transform .1s, border-color .1s; }
-#picker button:hover { transform: translateY(-2px); border-color: #9fb0ee; }
-#picker button.selected { border-color: var(--accent); }
-#picker img { width: 60px; height: 60px; display: block; border-radius: 4px; image-rendering: pixelated; }
-.hint { color: var(--muted); font-size: 13px; margin: 8px 0 0; }
-#status { min-height: 1.4em; color: var(--muted); font-size: 14px; }
-#status.error { color: var(--miss); font-weight: 600; }
-.layout { display: flex; gap: 30px; align-items: flex-start; }
-.query { flex: none; width: 190px; text-align: center; }
-.query img { width: 168px; height: 168px; object-fit: cover; border: 6px solid #5a6170; border-radius: 6px;
-             image-rendering: pixelated; background: #e7eaf1; }
-.query .name { font-weight: 600; margin-top: 6px; word-break: break-all; }
-.score { margin-top: 14px; padding: 10px; border-radius: 8px; background: #f4f6fb; }
-.score .value { font-size: 30px; font-weight: 700; line-height: 1.1; }
-.score .what { color: var(--muted); font-size: 12px; }
-.code { margin-top: 12px; font: 11px/1.3 ui-monospace, SFMono-Regular, Menlo, monospace; color: var(--muted);
-        word-break: break-all; }
-.legend { display: flex; gap: 16px; font-size: 13px; color: var(--muted); margin-bottom: 10px; }
-.legend span::before { content: ""; display: inline-block; width: 11px; height: 11px; border-radius: 2px;
-                       margin-right: 5px; vertical-align: -1px; background: var(--c); }
-#grid { flex: 1; display: grid; grid-template-columns: repeat(auto-fill, minmax(118px, 1fr)); gap: 14px; }
-.card { text-align: center; font-size: 12px; color: var(--muted); }
-.card img, .card .noimg { width: 108px; height: 108px; display: block; margin: 0 auto 5px; border-radius: 5px;
-                          border: 6px solid var(--neutral); image-rendering: pixelated; background: #e7eaf1; }
-.card .noimg { display: flex; align-items: center; justify-content: center; font-size: 13px; }
-.card.hit img, .card.hit .noimg { border-color: var(--hit); }
-.card.miss img, .card.miss .noimg { border-color: var(--miss); }
-.card .rank { color: var(--ink); font-weight: 650; }
-.card .dist { display: inline-block; background: #edf0f7; color: var(--ink); border-radius: 9px;
-              padding: 0 7px; font-weight: 600; }
-.empty { color: var(--muted); padding: 26px 0; text-align: center; }
-</style>
-</head>
-<body>
-<header>
-  <h1>TBH-VAE image search</h1>
-  <p id="about"></p>
-</header>
-<main>
-  <section class="panel">
-    <h2>Query</h2>
-    <div class="controls">
-      <label class="drop" id="drop" title="or drop an image here">
-        <span class="button">Upload an image</span><span>JPEG or PNG, or drop one here</span>
-        <input type="file" id="upload" accept="image/jpeg,image/png">
-      </label>
-      <label class="k">results (k)<input type="number" id="k" min="1"></label>
-      <div id="status" role="status"></div>
-    </div>
-    <div id="picker-box">
-      <p class="hint">or pick a test image (its class is known, so results are marked and precision@k shown):</p>
-      <div id="picker"></div>
-    </div>
-  </section>
-  <section class="panel" id="results" data-state="idle">
-    <h2 id="results-title">Results</h2>
-    <div id="results-body"><div class="empty">Upload an image or pick a test image to search.</div></div>
-  </section>
-</main>
-<script>
-"use strict";
-const CONFIG = /*CONFIG*/null;
-const $ = (id) => document.getElementById(id);
-let searches = 0;
-
-function el(tag, attrs, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs || {})) {
-    if (key === "class") node.className = value; else node.setAttribute(key, value);
-  }
-  for (const child of children) node.append(child);
-  return node;
-}
-function labelText(label) {
-  if (label === null || label === undefined) return "";
-  const names = CONFIG.class_names;
-  const one = (c) => (names && names[c] !== undefined ? names[c] : "class " + c);
-  return Array.isArray(label) ? (label.length ? label.map(one).join(", ") : "no label") : one(label);
-}
-function shares(query, result) {
-  if (query === null || query === undefined || result === null || result === undefined) return null;
-  if (Array.isArray(query)) return query.some((c) => result.includes(c));
-  return query === result;
-}
-function setStatus(text, isError) {
-  $("status").textContent = text;
-  $("status").className = isError ? "error" : "";
-}
-function currentK() {
-  const k = parseInt($("k").value, 10);
-  return Number.isFinite(k) ? k : CONFIG.default_k;
-}
-async function call(url, options) {
-  const response = await fetch(url, options);
-  let body = null;
-  try { body = await response.json(); } catch (e) { body = null; }
-  if (!response.ok) throw new Error((body && body.error) || response.status + " " + response.statusText);
-  return body;
-}
-function thumbnail(split, row) { return "/thumbnail/" + split + "/" + row; }
-
-function render(answer, query) {
-  const results = answer.results;
-  const known = query.label !== null && query.label !== undefined && CONFIG.labels;
-  const body = $("results-body");
-  body.replaceChildren();
-  const side = el("div", {class: "query"},
-    el("img", {src: query.src, alt: "query", id: "query-image"}),
-    el("div", {class: "name"}, query.name),
-    el("div", {}, known ? labelText(query.label) : "label unknown"));
-  if (answer.precision !== undefined) {
-    const hits = results.filter((r) => shares(query.label, r.label)).length;
-    side.append(el("div", {class: "score"},
-      el("div", {class: "value", id: "precision"}, answer.precision.toFixed(2)),
-      el("div", {class: "what"},
-         "precision@" + results.length + " (" + hits + " of " + results.length + " relevant)")));
-  }
-  side.append(el("div", {class: "code", title: "the query's binary code"}, answer.bits.join("")));
-  const grid = el("div", {id: "grid"});
-  results.forEach((result, rank) => {
-    const same = known ? shares(query.label, result.label) : null;
-    const card = el("div", {class: "card" + (same === true ? " hit" : same === false ? " miss" : ""),
-                            "data-id": result.id, "data-distance": result.distance});
-    card.append(CONFIG.images
-      ? el("img", {src: thumbnail("train", result.id), alt: "result " + (rank + 1), loading: "lazy"})
-      : el("div", {class: "noimg"}, "id " + result.id));
-    card.append(el("div", {}, el("span", {class: "rank"}, "#" + (rank + 1)), " ",
-                   el("span", {class: "dist", title: "Hamming distance"}, "d = " + result.distance)));
-    card.append(el("div", {}, "id " + result.id + (result.label !== null ? " · " + labelText(result.label) : "")));
-    grid.append(card);
-  });
-  const right = el("div", {style: "flex: 1"});
-  if (known) {
-    right.append(el("div", {class: "legend"},
-      el("span", {style: "--c: var(--hit)"}, "shares the query's label"),
-      el("span", {style: "--c: var(--miss)"}, "does not")));
-  }
-  right.append(grid);
-  body.append(el("div", {class: "layout"}, side, right));
-  $("results-title").textContent = "Top " + results.length + " of " + CONFIG.size.toLocaleString()
-    + " by Hamming distance";
-  $("results").dataset.state = "done";
-  $("results").dataset.search = String(++searches);
-  setStatus("");
-}
-
-async function run(request, query) {
-  $("results").dataset.state = "searching";
-  setStatus("searching…");
-  try {
-    render(await request(), query);
-  } catch (err) {
-    $("results").dataset.state = "error";
-    setStatus(err.message, true);
-  }
-}
-function searchFile(file) {
-  if (!file) return;
-  if (file.size > CONFIG.max_upload_mib * 1048576) {
-    setStatus("that file is over the " + CONFIG.max_upload_mib + " MiB limit", true);
-    return;
-  }
-  document.querySelectorAll("#picker button").forEach((b) => b.classList.remove("selected"));
-  const form = new FormData();
-  form.append("image", file);
-  run(() => call("/search?k=" + currentK(), {method: "POST", body: form}),
-      {src: URL.createObjectURL(file), name: file.name, label: null});
-}
-function searchTest(row, label, button) {
-  document.querySelectorAll("#picker button").forEach((b) => b.classList.toggle("selected", b === button));
-  run(() => call("/search_test?row=" + row + "&k=" + currentK(), {method: "POST"}),
-      {src: thumbnail("test", row), name: "test image " + row, label: label});
-}
-
-async function start() {
-  $("about").textContent = CONFIG.size.toLocaleString() + " images indexed by " + CONFIG.bits
-    + "-bit codes · encoder " + CONFIG.encoder;
-  $("k").max = CONFIG.max_k;
-  $("k").value = CONFIG.default_k;
-  $("upload").addEventListener("change", (event) => searchFile(event.target.files[0]));
-  const drop = $("drop");
-  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
-  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-  drop.addEventListener("drop", (event) => {
-    event.preventDefault();
-    drop.classList.remove("over");
-    searchFile(event.dataTransfer.files[0]);
-  });
-  if (!CONFIG.image_queries) {
-    drop.style.display = "none";
-    setStatus("this encoder takes features only: POST /search with {\"features\": [...]}");
-  }
-  if (!CONFIG.images || !CONFIG.image_queries) { $("picker-box").style.display = "none"; return; }
-  try {
-    const listing = await call("/test_images?count=24");
-    for (const item of listing.images) {
-      const button = el("button", {type: "button", title: "test " + item.row + " · " + labelText(item.label),
-                                   "data-row": item.row},
-                        el("img", {src: thumbnail("test", item.row), alt: "test image " + item.row}));
-      button.addEventListener("click", () => searchTest(item.row, item.label, button));
-      $("picker").append(button);
-    }
-  } catch (err) {
-    setStatus("could not list the test images: " + err.message, true);
-  }
-}
-start();
-</script>
-</body>
-</html>
-"""
-
-
-if __name__ == "__main__":
     run()

@@ -276,6 +276,17 @@ def test_command_line_errors_are_one_line(served, tmp_path):
     assert taken.returncode != 0 and "choose another --port" in taken.stderr and "Traceback" not in taken.stderr
 
 
+def test_python_m_retrieval_builds_the_index_the_service_takes(served, tmp_path):
+    """`python -m tbhvae.retrieval build` (the command the README gives before `tbhvae.serve`)."""
+    index_path = tmp_path / "cli.index.npz"
+    built = subprocess.run([sys.executable, "-m", "tbhvae.retrieval", "build", "--encoder", served["encoder"],
+                            "--images", served["images"], "--index", str(index_path)], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert built.returncode == 0, built.stderr[-2000:]
+    np.testing.assert_array_equal(HammingIndex.load(index_path).codes, HammingIndex.load(served["index"]).codes)
+
+
 @pytest.fixture(scope="module")
 def service_url(served):
     """The service started by its command line on a free port of 127.0.0.1."""
