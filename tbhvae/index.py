@@ -6,8 +6,11 @@ XOR + popcount against every stored code, then an exact selection
 (`tbhvae.search`).
 
 Result order is fixed: ascending Hamming distance, ties broken by position in
-the index (insertion order; equal to id order for default ids). Every backend
-returns identical results.
+the index (insertion order; equal to id order for default ids). The exact
+backends (numpy, faiss) return identical results; the approximate one
+(faiss_ivf: faiss.IndexBinaryIVF, for databases past an exact scan's reach)
+searches only the `nprobe` nearest of `nlist` clusters, then orders its
+candidates the same way.
 """
 from __future__ import annotations
 
@@ -25,11 +28,32 @@ from tbhvae.codes import check_bits, database_words, num_bytes, to_words, unpack
 
 FORMAT_NAME = "tbhvae.hamming_index"
 FORMAT_VERSION = 1
-BACKENDS = ("auto", "numpy", "faiss")
+BACKENDS = ("auto", "numpy", "faiss", "faiss_ivf")
 
 # backend="auto" picks faiss (when installed) from this code length on; below it, ties make
 # faiss's exact re-ranking fetch far past k (BENCHMARKS.md, exact top-k search).
 _AUTO_FAISS_MIN_BITS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class IVFSettings:
+    """Clusters of the approximate backend (faiss_ivf); None: the defaults below, from n.
+
+    nlist: clusters (default sqrt(n), at least 39 training codes each, as faiss asks);
+    nprobe: clusters searched per query (default nlist / 8: recall@100 >= 0.95 on
+    model codes of 10^6 in BENCHMARKS.md; raise it for recall, lower it for speed).
+    """
+
+    nlist: int | None = None
+    nprobe: int | None = None
+
+    def resolved(self, n: int) -> tuple[int, int]:
+        nlist = self.nlist or max(1, min(int(round(np.sqrt(n))), n // 39))
+        nprobe = self.nprobe or max(1, nlist // 8)
+        if nlist < 1 or nlist > max(n, 1) or nprobe < 1:
+            raise ValueError(f"IVFSettings: need 1 <= nlist <= n ({n}) and nprobe >= 1, got nlist {nlist}, "
+                             f"nprobe {nprobe}")
+        return nlist, min(nprobe, nlist)
 
 
 def _faiss_module():
@@ -99,20 +123,23 @@ class HammingIndex:
       backend: "numpy"; "faiss" (faiss.IndexBinaryFlat, candidates re-ranked
         so that results equal numpy's); "auto" = faiss for codes of 32 bits
         or more when faiss is installed, else numpy. All give identical results.
+        "faiss_ivf": approximate (faiss.IndexBinaryIVF with `ivf` settings),
+        built on the first search; only for `search`.
       workers: threads for numpy search; defaults to the number of CPUs.
     """
 
     def __init__(self, codes, ids=None, labels=None, paths=None, *, backend: str = "auto",
-                 workers: int | None = None):
+                 workers: int | None = None, ivf: IVFSettings | None = None):
         codes = check_bits(codes)
         if codes.shape[1] < 1:
             raise ValueError(f"codes: need at least one bit per code, got shape {codes.shape}")
         self._init_packed(np.packbits(codes, axis=1), codes.shape[1], ids, labels, paths,
-                          backend, workers)
+                          backend, workers, ivf)
 
     @classmethod
     def from_packed(cls, packed, bits: int, ids=None, labels=None, paths=None, *,
-                    backend: str = "auto", workers: int | None = None) -> "HammingIndex":
+                    backend: str = "auto", workers: int | None = None,
+                    ivf: IVFSettings | None = None) -> "HammingIndex":
         """Builds an index from codes already packed by `tbhvae.codes.pack_codes`.
 
         packed: uint8 [n, ceil(bits / 8)]; padding bits past `bits` must be zero.
@@ -127,20 +154,25 @@ class HammingIndex:
             raise ValueError(f"packed: padding bits past bit {bits} must be zero "
                              "(pack with tbhvae.codes.pack_codes)")
         index = cls.__new__(cls)
-        index._init_packed(packed, bits, ids, labels, paths, backend, workers)
+        index._init_packed(packed, bits, ids, labels, paths, backend, workers, ivf)
         return index
 
-    def _init_packed(self, packed, bits, ids, labels, paths, backend, workers):
+    def _init_packed(self, packed, bits, ids, labels, paths, backend, workers, ivf):
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-        if backend == "faiss" and _faiss_module() is None:
-            raise ValueError("backend='faiss' needs faiss: pip install faiss-cpu "
+        if backend.startswith("faiss") and _faiss_module() is None:
+            raise ValueError(f"backend={backend!r} needs faiss: pip install faiss-cpu "
                              "(or the tbhvae[faiss] extra), or use backend='numpy'")
+        if ivf is not None and backend != "faiss_ivf":
+            raise ValueError(f"ivf settings are for backend='faiss_ivf', not {backend!r}")
         if workers is not None and int(workers) < 1:
             raise ValueError(f"workers: expected a positive thread count, got {workers}")
         n = packed.shape[0]
         self._bits = bits
         self._backend = backend
+        self._ivf = ivf or IVFSettings()
+        if backend == "faiss_ivf":
+            self._ivf.resolved(packed.shape[0])  # checks the settings now, not at the first search
         self._workers = int(workers) if workers is not None else (os.cpu_count() or 1)
         self._words = database_words(packed)  # uint64 [n, W], column-major
         self._ids = _check_ids(np.arange(n) if ids is None else ids, n)
@@ -165,11 +197,27 @@ class HammingIndex:
 
     @property
     def backend(self) -> str:
-        """Search backend actually used by `search`: "numpy" or "faiss"."""
+        """Search backend actually used by `search`: "numpy", "faiss" or "faiss_ivf"."""
         if self._backend == "auto":
             use_faiss = self._bits >= _AUTO_FAISS_MIN_BITS and _faiss_module() is not None
             return "faiss" if use_faiss else "numpy"
         return self._backend
+
+    @property
+    def ivf(self) -> IVFSettings:
+        """Settings of the faiss_ivf backend; set a new nprobe without rebuilding (a new nlist rebuilds)."""
+        return self._ivf
+
+    @ivf.setter
+    def ivf(self, settings: IVFSettings) -> None:
+        if self._backend != "faiss_ivf":
+            raise ValueError(f"ivf settings are for backend='faiss_ivf', not {self._backend!r}")
+        nlist, nprobe = settings.resolved(len(self))
+        if self._faiss_index is not None and self._faiss_index.nlist != nlist:
+            self._faiss_index = None
+        elif self._faiss_index is not None:
+            self._faiss_index.nprobe = nprobe
+        self._ivf = settings
 
     @property
     def ids(self) -> np.ndarray:
@@ -245,7 +293,9 @@ class HammingIndex:
 
         query_codes: 0/1 [q, bits]. k > len(index) is clamped to len(index).
         Returns (distances int32 [q, k], ids int64 [q, k]), by ascending
-        distance, ties by position in the index.
+        distance, ties by position in the index (faiss_ivf: the k nearest that
+        its probed clusters hold, see `search.faiss_approximate_top_k`; a query
+        whose clusters hold fewer than k codes is answered exactly).
         """
         query_words = self._query_words(query_codes)
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
@@ -254,7 +304,13 @@ class HammingIndex:
         q = query_words.shape[0]
         if k == 0 or q == 0:
             return np.zeros((q, k), dtype=np.int32), np.zeros((q, k), dtype=np.int64)
-        if self.backend == "faiss":
+        if self.backend == "faiss_ivf":
+            distances, positions = search.faiss_approximate_top_k(self._faiss(), query_words, k)
+            short = np.flatnonzero((positions < 0).any(axis=1))  # probed clusters held fewer than k codes
+            if short.size:
+                distances[short], positions[short] = search.numpy_top_k(
+                    self._words, self._bits, query_words[short], k, self._workers)
+        elif self.backend == "faiss":
             distances, positions = search.faiss_top_k(self._faiss(), len(self), query_words, k)
         else:
             distances, positions = search.numpy_top_k(self._words, self._bits, query_words, k, self._workers)
@@ -285,8 +341,21 @@ class HammingIndex:
     def _faiss(self):
         if self._faiss_index is None:
             faiss = _faiss_module()
-            self._faiss_index = faiss.IndexBinaryFlat(8 * num_bytes(self._bits))
-            self._faiss_index.add(self.packed)
+            dimension = 8 * num_bytes(self._bits)
+            if self.backend == "faiss_ivf":
+                nlist, nprobe = self._ivf.resolved(len(self))
+                quantizer = faiss.IndexBinaryFlat(dimension)
+                index = faiss.IndexBinaryIVF(quantizer, dimension, nlist)
+                index.referenced_objects = [quantizer]  # the quantizer must outlive the index
+                packed = self.packed
+                sample = np.random.default_rng(0).permutation(len(packed))[:64 * nlist]  # faiss: 39-256 per list
+                index.train(packed[np.sort(sample)])
+                index.nprobe = nprobe
+            else:
+                index = faiss.IndexBinaryFlat(dimension)
+                packed = self.packed
+            index.add(packed)
+            self._faiss_index = index
         return self._faiss_index
 
     # ------------------------------------------------------------------- files
@@ -312,7 +381,8 @@ class HammingIndex:
             np.savez(file, **arrays)  # a file object: np.savez appends no ".npz"
 
     @classmethod
-    def load(cls, path, *, backend: str = "auto", workers: int | None = None) -> "HammingIndex":
+    def load(cls, path, *, backend: str = "auto", workers: int | None = None,
+             ivf: IVFSettings | None = None) -> "HammingIndex":
         """Reads an index written by `save`.
 
         Raises FileNotFoundError when `path` is missing and ValueError when it is
@@ -347,7 +417,7 @@ class HammingIndex:
         try:
             index = cls.from_packed(contents["packed"], bits, contents["ids"],
                                     contents.get("labels"), contents.get("paths"),
-                                    backend=backend, workers=workers)
+                                    backend=backend, workers=workers, ivf=ivf)
             if "probe_inputs" in contents:
                 index.encoder_probe = EncoderProbe(np.asarray(contents["probe_inputs"], np.float32),
                                                    check_bits(contents["probe_codes"], "probe_codes"))

@@ -141,3 +141,19 @@ def faiss_top_k(faiss_index, n: int, query_words: np.ndarray, k: int) -> tuple[n
         pending = pending[~complete]
         fetch = min(n, 4 * fetch)
     return distances, positions
+
+
+def faiss_approximate_top_k(faiss_index, query_words: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest that an approximate faiss binary index (IndexBinaryIVF) finds, by (distance, position).
+
+    One search of k: which of the codes tied at the k-th distance are kept is
+    faiss's (deterministic) choice, as fetching every tie would cost more than
+    the scan the index avoids. Position -1 (distance int32 max) where the probed
+    clusters held fewer than k codes. Returns (distances int32 [q, k], positions int64 [q, k]).
+    """
+    queries = np.ascontiguousarray(query_words.view(np.uint8)[:, :faiss_index.code_size])
+    distances, positions = faiss_index.search(queries, k)
+    key = np.where(positions < 0, np.iinfo(np.int64).max, distances.astype(np.int64) << 40 | positions)
+    order = np.argsort(key, axis=1)
+    return (np.take_along_axis(distances, order, axis=1).astype(np.int32),
+            np.take_along_axis(positions, order, axis=1).astype(np.int64))

@@ -293,3 +293,67 @@ def test_the_encoder_probe_is_saved_and_compared(tmp_path):
         loaded.encoder_probe.agreement(codes[:4])
     HammingIndex(codes).save(tmp_path / "plain.npz")
     assert HammingIndex.load(tmp_path / "plain.npz").encoder_probe is None
+
+
+# ------------------------------------------------------------------ approximate backend (faiss IVF)
+def clustered_codes(n, bits, clusters, flip, seed):
+    """Codes around `clusters` random centres, each bit flipped with probability `flip`."""
+    rng = np.random.default_rng(seed)
+    centres = rng.integers(0, 2, (clusters, bits), dtype=np.uint8)
+    return centres[rng.integers(0, clusters, n)] ^ (rng.random((n, bits)) < flip).astype(np.uint8)
+
+
+def recall_at_k(approx_distances, exact_distances):
+    """Tie-aware recall@k: share of the k results within the exact k-th distance."""
+    return float(np.mean((approx_distances <= exact_distances[:, -1:]).mean(axis=1)))
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed (pip install faiss-cpu)")
+def test_ivf_backend_is_a_close_approximation_in_position_order():
+    db = clustered_codes(20000, 32, clusters=40, flip=0.1, seed=30)
+    queries = clustered_codes(50, 32, clusters=40, flip=0.1, seed=30)[::-1].copy()
+    exact = HammingIndex(db, backend="numpy")
+    approximate = HammingIndex(db, backend="faiss_ivf", ids=np.arange(20000) + 7)
+    assert approximate.backend == "faiss_ivf"
+    exact_distances, _ = exact.search(queries, 50)
+    distances, ids = approximate.search(queries, 50)
+    assert distances.dtype == np.int32 and ids.dtype == np.int64 and distances.shape == (50, 50)
+    true_distances = (queries[:, None, :] != db[ids - 7]).sum(axis=2)
+    np.testing.assert_array_equal(distances, true_distances)  # exact distances of what it found
+    assert (distances >= exact_distances).all()  # never nearer than the true neighbours
+    assert recall_at_k(distances, exact_distances) >= 0.95
+    key = distances.astype(np.int64) * 10**6 + ids
+    assert (np.diff(key, axis=1) > 0).all()  # by distance, then position; no repeats
+    # probing every cluster is an exhaustive search: the exact distances
+    approximate.ivf = index_module.IVFSettings(nprobe=approximate.ivf.resolved(20000)[0])
+    np.testing.assert_array_equal(approximate.search(queries, 50)[0], exact_distances)
+    approximate.ivf = index_module.IVFSettings(nlist=16, nprobe=16)  # a new nlist: rebuilt
+    np.testing.assert_array_equal(approximate.search(queries, 50)[0], exact_distances)
+    with pytest.raises(ValueError, match="for backend='faiss_ivf'"):
+        exact.ivf = index_module.IVFSettings(nprobe=4)
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed (pip install faiss-cpu)")
+def test_ivf_answers_exactly_where_its_clusters_hold_fewer_than_k_and_follows_add():
+    db = clustered_codes(400, 16, clusters=8, flip=0.05, seed=31)
+    queries = clustered_codes(10, 16, clusters=8, flip=0.05, seed=32)
+    index = HammingIndex(db, backend="faiss_ivf", ivf=index_module.IVFSettings(nlist=8, nprobe=1))
+    ref_distances, ref_positions = brute_force(db, queries)
+    distances, ids = index.search(queries, 300)  # one cluster of ~50 codes cannot give 300
+    np.testing.assert_array_equal(distances, ref_distances[:, :300])
+    np.testing.assert_array_equal(ids, ref_positions[:, :300])
+    index.add(db[:5] ^ 1, ids=np.arange(1000, 1005))  # after the IVF was built
+    found = index.search(db[:5] ^ 1, 1)
+    np.testing.assert_array_equal(found[0], 0)
+    assert set(found[1][:, 0]) <= set(range(1000, 1005)) | set(np.flatnonzero((db == db[0] ^ 1).all(1)))
+
+
+@pytest.mark.skipif(not HAS_FAISS, reason="faiss not installed (pip install faiss-cpu)")
+def test_ivf_settings_are_checked():
+    db = random_codes(100, 16, seed=33)
+    with pytest.raises(ValueError, match="for backend='faiss_ivf'"):
+        HammingIndex(db, backend="faiss", ivf=index_module.IVFSettings(nprobe=2))
+    with pytest.raises(ValueError, match="nlist <= n"):
+        HammingIndex(db, backend="faiss_ivf", ivf=index_module.IVFSettings(nlist=500))
+    assert index_module.IVFSettings().resolved(10**6) == (1000, 125)
+    assert index_module.IVFSettings().resolved(100) == (2, 1)
