@@ -10,7 +10,7 @@ import setuptools
 from conftest import REPO_ROOT
 from tbhvae.config import ConfigError, load_config, shipped_configs
 
-COMMANDS = ("train", "export", "baselines", "extract", "retrieval")
+COMMANDS = ("train", "export", "baselines", "extract", "retrieval", "serve")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -59,3 +59,32 @@ def test_a_source_checkout_without_install_finds_the_configs_folder(monkeypatch)
 
     monkeypatch.setattr(importlib.resources, "files", not_installed)
     assert shipped_configs()["cifar10_tbhvae"] == REPO_ROOT / "configs" / "cifar10_tbhvae.py"
+
+
+def test_tensorflow_start_up_noise_is_dropped_and_everything_else_kept(capfd):
+    import os
+    import re
+
+    from tbhvae import cli
+
+    with cli.stderr_without(re.compile("|".join(cli._STARTUP_NOISE + cli._NO_GPU_NOISE))):
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+                    b"I0000 00:00:1 port.cc:153] oneDNN custom operations are on. You may see ...\n"
+                    b"E0000 00:00:1 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"
+                    b"W0000 00:00:1 something.cc:1] a real warning\n")
+        print("from python", file=sys.stderr)
+    err = capfd.readouterr().err
+    assert sorted(err.splitlines()) == ["W0000 00:00:1 something.cc:1] a real warning", "from python"]
+
+
+def test_commands_start_tensorflow_without_its_noise(tmp_path):
+    """A real start: the noise TensorFlow prints when imported plainly is gone through start_tensorflow."""
+    plain = subprocess.run([sys.executable, "-c", "import tensorflow as tf; tf.config.list_physical_devices()"],
+                           capture_output=True, text=True, timeout=300)
+    if "absl::InitializeLog" not in plain.stderr and "oneDNN" not in plain.stderr:
+        pytest.skip("this TensorFlow prints no start-up noise")
+    started = subprocess.run([sys.executable, "-c", "from tbhvae.cli import start_tensorflow; start_tensorflow()"],
+                             capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert started.returncode == 0
+    for noise in ("absl::InitializeLog", "oneDNN custom operations", "compiler flags"):
+        assert noise not in started.stderr, started.stderr

@@ -6,10 +6,25 @@ flags), `main(argv)` and `run()` = `define_flags(); run_main(main, __name__)`
 (the console script). Every error, bad flags included, is one `error: ...`
 line on stderr and exit code 2 (`fail`).
 """
+import contextlib
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import NoReturn
 
 from absl import app, flags
+
+# What TensorFlow prints to stderr as it starts, before its logging is set up (so
+# TF_CPP_MIN_LOG_LEVEL cannot hide it), that says nothing to a user: the absl pre-init
+# notice, the oneDNN notice and the CPU-instruction notes. Without a GPU (no /dev/nvidiactl)
+# also the missing-CUDA lines; on a GPU machine they may be the only hint of a broken driver.
+_STARTUP_NOISE = [r"All log messages before absl::InitializeLog\(\) is called", r"oneDNN custom operations are on",
+                  r"rebuild TensorFlow with the appropriate compiler flags",
+                  r"This TensorFlow binary is optimized to use available CPU instructions"]
+_NO_GPU_NOISE = [r"Could not find cuda drivers on your machine", r"failed call to cuInit",
+                 r"Unable to register cu(DNN|FFT|BLAS) factory"]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -44,3 +59,42 @@ def run_main(main, module_name: str) -> None:
     if not launcher.__doc__:  # a console-script launcher: --help shows the command's own description
         launcher.__doc__ = sys.modules[module_name].__doc__
     app.run(main, flags_parser=_parse_flags)
+
+
+@contextlib.contextmanager
+def stderr_without(noise: re.Pattern):
+    """Captures what the process writes to stderr (fd 2, C++ code included) meanwhile and
+    passes on every line that does not match `noise` when the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not noise.search(line):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def start_tensorflow() -> None:
+    """Imports TensorFlow and finds its devices, keeping what it prints to stderr except its start-up noise.
+
+    Each command calls this where it first needs TensorFlow (after its cheap checks);
+    every other line TensorFlow writes meanwhile, warnings and errors included, is
+    passed on to stderr. A second call does nothing.
+    """
+    if getattr(start_tensorflow, "done", False):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's own INFO and WARNING lines after start-up
+    patterns = _STARTUP_NOISE + ([] if Path("/dev/nvidiactl").exists() else _NO_GPU_NOISE)
+    with stderr_without(re.compile("|".join(patterns))):
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # CUDA's probe happens here
+    start_tensorflow.done = True

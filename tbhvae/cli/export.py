@@ -19,7 +19,7 @@ import json
 
 from absl import flags, logging
 
-from tbhvae.cli import expect_no_arguments, fail, run_main
+from tbhvae.cli import expect_no_arguments, fail, run_main, start_tensorflow
 
 FLAGS = flags.FLAGS
 
@@ -123,6 +123,7 @@ def main(argv):
     expect_no_arguments(argv)
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TensorFlow's saver chatter; --verbosity=0 shows it
+    start_tensorflow()
     from tbhvae import export  # after flag parsing: --help stays fast
     from tbhvae.checks import check_writable
     from tbhvae.retrieval import RetrievalError

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from tbhvae.cli import expect_no_arguments, fail, run_main
+from tbhvae.cli import expect_no_arguments, fail, run_main, start_tensorflow
 
 FLAGS = flags.FLAGS
 
@@ -36,6 +36,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
     expect_no_arguments(argv)
     from tbhvae.data import DataError
+    start_tensorflow()
     from tbhvae.data.extraction import extract_features
 
     try:

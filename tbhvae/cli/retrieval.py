@@ -19,7 +19,7 @@ from pathlib import Path
 
 from absl import flags
 
-from tbhvae.cli import fail, run_main
+from tbhvae.cli import fail, run_main, start_tensorflow
 
 FLAGS = flags.FLAGS
 COMMANDS = ("build", "query")
@@ -49,6 +49,7 @@ def main(argv) -> None:
     if len(argv) != 2 or argv[1] not in COMMANDS:
         fail("usage: python -m tbhvae.cli.retrieval build|query --encoder E --index I [--features F] ...; "
              "see --help")
+    start_tensorflow()
     from tbhvae import retrieval  # after flag parsing: --help stays fast
     from tbhvae.export import ExportError
 

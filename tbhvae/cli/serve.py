@@ -11,7 +11,7 @@ import socket
 
 from absl import flags
 
-from tbhvae.cli import expect_no_arguments, fail, run_main
+from tbhvae.cli import expect_no_arguments, fail, run_main, start_tensorflow
 
 FLAGS = flags.FLAGS
 
@@ -49,6 +49,7 @@ def main(argv) -> None:
         fail(f"the search service needs fastapi, uvicorn and python-multipart ({err}); "
              f"pip install 'tbhvae[serve]'")
     _check_port(FLAGS.host, FLAGS.port)  # before loading the model, which takes a while
+    start_tensorflow()
     from tbhvae.export import ExportError
     from tbhvae.retrieval import RetrievalError
     from tbhvae.serve import SearchService, create_app, log

@@ -7,12 +7,11 @@ non-finite loss keep the checkpoints, so rerunning the same command resumes).
 from __future__ import annotations
 
 import json
-import os
 
 from absl import flags
 from absl import logging as absl_logging
 
-from tbhvae.cli import expect_no_arguments, fail, run_main
+from tbhvae.cli import expect_no_arguments, fail, run_main, start_tensorflow
 
 FLAGS = flags.FLAGS
 
@@ -78,7 +77,7 @@ def main(argv):
         fail(str(err))
     if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # TF's per-checkpoint INFO lines
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    start_tensorflow()
     from tbhvae import train
 
     model_dir = FLAGS.model_dir or f"runs/{config.name}_{config.bits}b"
