@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tbhvae.export.savedmodel import OUTPUT_NAMES, ExportError, TrainedRun, hash_outputs, load_run, resolve_saved_model
+from tbhvae.stderr import TFLITE_NOISE, stderr_without
 from tbhvae.train.rundir import RunDirectory
 
 
@@ -136,6 +137,11 @@ class LiteEncoder(Encoder):
         self.image_input = "images" in inputs
         self.input_dim = None if self.image_input else int(inputs["features"]["shape_signature"][1])
         self.bits = int(self.runner.get_output_details()["bits"]["shape_signature"][1])
+        with stderr_without(TFLITE_NOISE):  # the first run creates LiteRT's CPU delegate, which it announces
+            if self.image_input:
+                self.runner(images=np.zeros([1, 8, 8, 3], np.uint8))
+            else:
+                self.runner(features=np.zeros([1, self.input_dim], np.float32))
 
     def encode(self, features, batch_size: int = 4096) -> dict[str, np.ndarray]:
         if self.image_input:

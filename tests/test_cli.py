@@ -66,8 +66,9 @@ def test_tensorflow_start_up_noise_is_dropped_and_everything_else_kept(capfd):
     import re
 
     from tbhvae import cli
+    from tbhvae.stderr import stderr_without
 
-    with cli.stderr_without(re.compile("|".join(cli._STARTUP_NOISE + cli._NO_GPU_NOISE))):
+    with stderr_without(re.compile("|".join(cli._STARTUP_NOISE + cli._NO_GPU_NOISE))):
         os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
                     b"I0000 00:00:1 port.cc:153] oneDNN custom operations are on. You may see ...\n"
                     b"E0000 00:00:1 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"

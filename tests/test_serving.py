@@ -3,6 +3,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -162,6 +163,17 @@ def test_lite_encoder_rejects_wrong_feature_size(exported, tmp_path):
         encoder.encode(np.zeros((2, DIM + 1), np.float32))
     with pytest.raises(ValueError, match="expected a float array"):
         encoder.encode(np.zeros((2, DIM), np.int32))
+
+
+def test_the_converters_settings_line_is_dropped_and_nothing_else(exported, capfd, monkeypatch):
+    from tbhvae.export import tflite
+
+    rows = np.random.default_rng(0).random((8, DIM)).astype(np.float32)
+    export.convert_tflite(exported[1], "int8", rows)
+    assert "fully_quantize" not in capfd.readouterr().err
+    monkeypatch.setattr(tflite, "TFLITE_NOISE", re.compile("(?!)"))  # matches nothing
+    export.convert_tflite(exported[1], "int8", rows)
+    assert "fully_quantize: 0" in capfd.readouterr().err  # the line the filter removes
 
 
 # ------------------------------------------------------------------ parity of every export with Keras

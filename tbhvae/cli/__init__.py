@@ -6,15 +6,15 @@ flags), `main(argv)` and `run()` = `define_flags(); run_main(main, __name__)`
 (the console script). Every error, bad flags included, is one `error: ...`
 line on stderr and exit code 2 (`fail`).
 """
-import contextlib
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 from absl import app, flags
+
+from tbhvae.stderr import stderr_without
 
 # What TensorFlow prints to stderr as it starts, before its logging is set up (so
 # TF_CPP_MIN_LOG_LEVEL cannot hide it), that says nothing to a user: the absl pre-init
@@ -59,27 +59,6 @@ def run_main(main, module_name: str) -> None:
     if not launcher.__doc__:  # a console-script launcher: --help shows the command's own description
         launcher.__doc__ = sys.modules[module_name].__doc__
     app.run(main, flags_parser=_parse_flags)
-
-
-@contextlib.contextmanager
-def stderr_without(noise: re.Pattern):
-    """Captures what the process writes to stderr (fd 2, C++ code included) meanwhile and
-    passes on every line that does not match `noise` when the block ends."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not noise.search(line):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
 
 
 def start_tensorflow() -> None:

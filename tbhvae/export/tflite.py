@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tbhvae.checks import atomic_write
 from tbhvae.export.savedmodel import ExportError
+from tbhvae.stderr import TFLITE_NOISE, stderr_without
 
 TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
 
@@ -47,7 +48,7 @@ def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
         samples = np.asarray(representative)
         converter.representative_dataset = lambda: ([samples[i:i + 1]] for i in range(len(samples)))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), stderr_without(TFLITE_NOISE):
         warnings.simplefilter("ignore")  # the calibrator's tf.lite.Interpreter deprecation notice
         return converter.convert()
 
