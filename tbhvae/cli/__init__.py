@@ -1,4 +1,4 @@
-"""Command-line entry points (absl), one module per command: train, export, baselines, extract, retrieval.
+"""Command-line entry points (absl), one module per command: train, export, baselines, extract, retrieval, serve.
 
 The convention every command follows: a module docstring with its usage, a
 `define_flags()` that `run()` calls (importing a command module defines no
