@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from bench.common import machine_description, write_json
+from bench.index_speed import timed
 from tbhvae.codes import num_bytes
 from tbhvae.index import HammingIndex, IVFSettings
 
@@ -53,21 +54,14 @@ def packed_database(kind: str, n: int, bits: int, seed: int, base: np.ndarray | 
     return np.concatenate(chunks)
 
 
-def timed(function, repeats: int):
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def bench(kind: str, packed: np.ndarray, bits: int, queries: np.ndarray, k: int, nprobes: list[int],
           repeats: int) -> list[dict]:
     n = len(packed)
     exact = HammingIndex.from_packed(packed, bits, backend="faiss")
     exact.search(queries[:1], 1)  # builds the faiss copy outside the timing
-    exact_s, (exact_distances, _) = timed(lambda: exact.search(queries, k), repeats)
+    timing = {}  # best / median wall clock and CPU seconds of each search, by bench.index_speed.timed
+    exact_distances, _ = timed(lambda: exact.search(queries, k), repeats, timing, "exact")
+    exact_s = timing["exact_best_s"]
     rows = []
     nlist, default_nprobe = IVFSettings().resolved(n)
     index = HammingIndex.from_packed(packed, bits, backend="faiss_ivf")
@@ -76,7 +70,8 @@ def bench(kind: str, packed: np.ndarray, bits: int, queries: np.ndarray, k: int,
     build_s = time.perf_counter() - start
     for nprobe in sorted(set(nprobes) | {default_nprobe}):
         index.ivf = IVFSettings(nlist, nprobe)
-        ivf_s, (distances, _) = timed(lambda: index.search(queries, k), repeats)
+        distances, _ = timed(lambda: index.search(queries, k), repeats, timing, "ivf")
+        ivf_s = timing["ivf_best_s"]
         recall = float(np.mean((distances <= exact_distances[:, -1:]).mean(axis=1)))
         row = {"kind": kind, "n": n, "bits": bits, "queries": len(queries), "k": k, "nlist": nlist,
                "nprobe": nprobe, "default": nprobe == default_nprobe, "recall": recall,

@@ -31,6 +31,14 @@ def check_labels(labels, count: int, name: str, error: type[Exception] = ValueEr
     return labels.astype(np.uint8)
 
 
+def check_count(value, name: str, allow_zero: bool = False) -> int:
+    """`value` (a k or a radius) as a positive int, or non-negative with `allow_zero`; ValueError otherwise."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        kind = "a non-negative integer" if allow_zero else "a positive integer"
+        raise ValueError(f"{name}: expected {kind}, got {value!r}")
+    return int(value)
+
+
 def check_features(features, name: str, dim: int | None = None, error: type[Exception] = ValueError,
                    ) -> np.ndarray:
     """Non-empty, finite, numeric [n, D] (D == dim when given) -> float32 [n, D]."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tbhvae import search
-from tbhvae.checks import atomic_path, check_labels
+from tbhvae.checks import atomic_path, check_count, check_labels
 from tbhvae.codes import check_bits, database_words, num_bytes, to_words, unpack_codes
 
 FORMAT_NAME = "tbhvae.hamming_index"
@@ -298,9 +298,7 @@ class HammingIndex:
         whose clusters hold fewer than k codes is answered exactly).
         """
         query_words = self._query_words(query_codes)
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k: expected a positive integer, got {k!r}")
-        k = min(int(k), len(self))
+        k = min(check_count(k, "k"), len(self))
         q = query_words.shape[0]
         if k == 0 or q == 0:
             return np.zeros((q, k), dtype=np.int32), np.zeros((q, k), dtype=np.int64)
@@ -323,9 +321,8 @@ class HammingIndex:
         by ascending distance, ties by position in the index.
         """
         query_words = self._query_words(query_codes)
-        if not isinstance(radius, (int, np.integer)) or isinstance(radius, bool) or radius < 0:
-            raise ValueError(f"radius: expected a non-negative integer, got {radius!r}")
-        within = search.numpy_within(self._words, self._bits, query_words, int(radius), self._workers)
+        radius = check_count(radius, "radius", allow_zero=True)
+        within = search.numpy_within(self._words, self._bits, query_words, radius, self._workers)
         return [(distances, self._ids[positions]) for distances, positions in within]
 
     def _check_length(self, codes: np.ndarray, name: str) -> None:

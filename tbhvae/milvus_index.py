@@ -15,6 +15,7 @@ id); which of the codes tied at the k-th distance Milvus keeps is its choice.
 """
 import numpy as np
 
+from tbhvae.checks import check_count
 from tbhvae.codes import check_bits, num_bytes
 
 ID_FIELD, CODE_FIELD = "id", "code"
@@ -130,12 +131,11 @@ class MilvusHammingIndex:
         hold fewer) has id -1 and distance int32 max in the missing places.
         """
         codes = self._check(query_codes, "query_codes")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k: expected a positive integer, got {k!r}")
+        k = check_count(k, "k")
         if len(codes) == 0:
             return np.zeros((0, 0), np.int32), np.zeros((0, 0), np.int64)
         metric = "HAMMING" if self.storage == "binary" else "L2"
-        answers = self._client.search(self.collection, data=self._vectors(codes), limit=int(k), anns_field=CODE_FIELD,
+        answers = self._client.search(self.collection, data=self._vectors(codes), limit=k, anns_field=CODE_FIELD,
                                       output_fields=[ID_FIELD],
                                       search_params={"metric_type": metric, "params": {"nprobe": self.nprobe}})
         width = max(len(hits) for hits in answers)

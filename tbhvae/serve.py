@@ -91,18 +91,19 @@ def label_json(label) -> int | list[int] | None:
 
 
 def stratified_rows(labels: np.ndarray | None, count: int, total: int, seed: int = 0) -> list[int]:
-    """`count` distinct rows: each class in turn (class ids), else a random sample (multi-hot or no labels)."""
-    rng = np.random.default_rng(seed)
+    """`count` distinct rows for the page's picker: `protocol.stratified_sample`, ordered one
+    class after another in turn (so the first rows show every class); random without labels."""
+    from tbhvae import protocol
+
     count = min(count, total)
-    if labels is None or labels.ndim != 1:
-        return rng.permutation(total)[:count].tolist()
-    queues = [rng.permutation(np.flatnonzero(labels == c)).tolist() for c in np.unique(labels)]
-    picks: list[int] = []
-    while len(picks) < count:
-        for queue in queues:
-            if queue and len(picks) < count:
-                picks.append(int(queue.pop(0)))
-    return picks
+    if labels is None:
+        return np.random.default_rng(seed).permutation(total)[:count].tolist()
+    rows = protocol.stratified_sample(labels, count, seed)
+    classes = labels[rows] if labels.ndim == 1 else np.argmax(labels[rows], axis=1)
+    order = np.argsort(classes, kind="stable")
+    rank = np.empty(len(rows), np.int64)  # each row's place within its class
+    rank[order] = np.arange(len(rows)) - np.searchsorted(classes[order], classes[order])
+    return rows[np.lexsort((classes, rank))].tolist()
 
 
 def check_image(data: bytes) -> None:
