@@ -90,3 +90,39 @@ def plot_steps_curve(result: dict, path: str | Path) -> Path:
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=8, ncol=2)
     return _save(fig, path)
+
+
+def plot_cost_curves(report: dict, path: str | Path) -> Path:
+    """Examples/s (top) and peak memory (bottom) against batch, bits and input dimension, one line per
+    model x precision; and mAP@1000 seconds against database size (bench.cost_curves)."""
+    sweeps = ("batch", "bits", "dim")
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    training = report["training"]
+    lines = sorted({(r["model"], r["precision"]) for r in training})
+    for column, sweep in enumerate(sweeps):
+        for model, precision in lines:
+            rows = sorted((r for r in training if r["sweep"] == sweep and r["model"] == model
+                           and r["precision"] == precision), key=lambda r: r[sweep])
+            style = {"linestyle": "-" if precision == "float32" else "--", "marker": "o", "markersize": 3}
+            label = f"{model} {precision.replace('mixed_', '')}"
+            axes[0, column].plot([r[sweep] for r in rows], [r["examples_per_second"] for r in rows],
+                                 label=label, **style)
+            axes[1, column].plot([r[sweep] for r in rows], [r["peak_mb"] for r in rows], label=label, **style)
+        for row, ylabel in ((0, "examples/s"), (1, "peak memory (MB)")):
+            axes[row, column].set_xscale("log", base=2)
+            axes[row, column].set_xlabel(sweep)
+            axes[row, column].set_ylabel(ylabel)
+            axes[row, column].grid(alpha=0.3, which="both")
+        axes[0, column].set_title(f"training vs {sweep}")
+    axes[0, 0].legend(fontsize=8)
+    evaluation = report.get("evaluation") or []
+    if evaluation:
+        axes[0, 3].loglog([r["database"] for r in evaluation], [r["seconds"] for r in evaluation], marker="o")
+        axes[0, 3].set_xlabel("database codes")
+        axes[0, 3].set_ylabel("seconds")
+        axes[0, 3].set_title(f"mAP@1000, {evaluation[0]['queries']} queries")
+        axes[0, 3].grid(alpha=0.3, which="both")
+    else:
+        axes[0, 3].axis("off")
+    axes[1, 3].axis("off")
+    return _save(fig, path)

@@ -1,13 +1,15 @@
 """Benchmark: training throughput against the matmul roofline, evaluation, encoders, index.
 
 Sections (--sections, all by default):
-  training    examples/s of TBH and TBH-VAE (32 bits, batch 400) with XLA on/off,
-              on 1 replica and on 2 replicas (MirroredStrategy over 2 logical CPU
-              devices), each as a fraction of the roofline bound
-              matmul FLOP/s / model FLOP per example. The matmul is a float32
-              [400, 1280] x [1280, 1024] product timed right before each run (and
-              at the start and end of the benchmark); the model cost is counted
-              from the model's layers (TwinBottleneckHashing.training_flops_per_example).
+  training    examples/s of TBH and TBH-VAE (32 bits, batch 400) in float32 and
+              mixed_bfloat16, with XLA on/off, on 1 replica and on 2 replicas
+              (MirroredStrategy over 2 logical CPU devices), each as a fraction of
+              the roofline bound matmul FLOP/s / model FLOP per example, and bf16
+              against float32 of the same model and setting. The matmul is a
+              [400, 1280] x [1280, 1024] product in the run's dtype, timed right
+              before each run (and at the start and end of the benchmark); the
+              model cost is counted from the model's layers
+              (TwinBottleneckHashing.training_flops_per_example).
   evaluation  seconds of the q10k protocol (10,000 queries x 50,000 codes, 10
               classes) on random codes at 16/32/64 bits, in the same run: the old
               index-ties mAP@1000 (mean_average_precision_index_ties), the tie-aware
@@ -69,12 +71,12 @@ def split_cpu(count: int = 2) -> None:
 
 
 # ------------------------------------------------------------------ roofline
-def matmul_flops_per_second(rounds: int = 5, repeats: int = 30) -> dict:
-    """float32 [400, 1280] x [1280, 1024] on the first CPU device: best and median GFLOP/s over rounds."""
+def matmul_flops_per_second(rounds: int = 5, repeats: int = 30, dtype: str = "float32") -> dict:
+    """[400, 1280] x [1280, 1024] in `dtype` on the first CPU device: best and median GFLOP/s over rounds."""
     m, k, n = MATMUL_SHAPE
     with tf.device("/cpu:0"):
-        a = tf.random.stateless_normal([m, k], seed=[1, 2])
-        b = tf.random.stateless_normal([k, n], seed=[3, 4])
+        a = tf.cast(tf.random.stateless_normal([m, k], seed=[1, 2]), dtype)
+        b = tf.cast(tf.random.stateless_normal([k, n], seed=[3, 4]), dtype)
         product = tf.function(tf.matmul)
         product(a, b).numpy()  # trace and warm up
         seconds = []
@@ -120,8 +122,11 @@ def _small_test_split(feature_set):
                       feature_set.test_labels[rows], feature_set.class_names)
 
 
+PRECISIONS = {"float32": "float32", "mixed_bfloat16": "bfloat16"}  # policy -> its matmul dtype
+
+
 def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[list[dict], dict[str, Path]]:
-    """Throughput of each model x XLA x replicas; returns (rows, {model: 1-replica XLA run dir})."""
+    """Throughput of each model x replicas x XLA x precision; returns (rows, {model: 1-replica f32 run dir})."""
     import keras
 
     from tbhvae import train
@@ -132,38 +137,45 @@ def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[lis
     rows, run_dirs = [], {}
     for model, config_file in MODELS.items():
         for replicas in (1, 2):
-            for jit in (True, False):
-                config = load_config(REPO_ROOT / "configs" / config_file).replace(
-                    bits=TRAIN_BITS, batch_size=TRAIN_BATCH, steps=steps, eval_every=0, checkpoint_every=steps,
-                    jit_compile=jit, final_eval_queries="q10k")
-                strategy = strategies[replicas]
-                row = {"model": model, "replicas": replicas, "xla": jit,
-                       "xla_effective": train.use_xla(config, strategy), "steps": steps,
-                       "batch": TRAIN_BATCH, "flops_per_example": training_flops_per_example(
-                           config, feature_set.dim, TRAIN_BATCH // replicas)}
-                if jit and not row["xla_effective"]:
-                    row["note"] = ("skipped: train.use_xla turns XLA off for several CPU replicas "
-                                   "(the replicas share one XLA host); same as xla off")
+            for jit in ("true", "false"):
+                float32_speed = None
+                for precision, matmul_dtype in PRECISIONS.items():
+                    config = load_config(REPO_ROOT / "configs" / config_file).replace(
+                        bits=TRAIN_BITS, batch_size=TRAIN_BATCH, steps=steps, eval_every=0,
+                        checkpoint_every=steps, jit_compile=jit, mixed_precision=precision,
+                        final_eval_queries="q10k")
+                    strategy = strategies[replicas]
+                    row = {"model": model, "replicas": replicas, "xla": jit == "true", "precision": precision,
+                           "xla_effective": train.use_xla(config, strategy), "steps": steps,
+                           "batch": TRAIN_BATCH, "flops_per_example": training_flops_per_example(
+                               config, feature_set.dim, TRAIN_BATCH // replicas)}
+                    if row["xla"] and not row["xla_effective"]:
+                        row["note"] = ("skipped: train.use_xla turns XLA off for several CPU replicas "
+                                       "(the replicas share one XLA host); same as xla off")
+                        rows.append(row)
+                        continue
+                    matmul = matmul_flops_per_second(dtype=matmul_dtype)
+                    run_dir = workdir / f"{model}_r{replicas}_{'xla' if row['xla'] else 'noxla'}_{precision}"
+                    with quiet_keras():
+                        metrics = train.train(config, run_dir, strategy=strategy, fresh=True, feature_set=features)
+                    bound = matmul["best_gflops"] * 1e9 / row["flops_per_example"]
+                    speed = metrics["examples_per_second"]
+                    row.update(examples_per_second=speed, steps_per_second=speed / TRAIN_BATCH,
+                               matmul_dtype=matmul_dtype, matmul_best_gflops=matmul["best_gflops"],
+                               roofline_examples_per_second=bound, roofline_fraction=speed / bound,
+                               train_seconds=metrics["train_seconds"])
+                    if float32_speed is None:
+                        float32_speed = speed
+                    else:
+                        row["speedup_over_float32"] = speed / float32_speed
                     rows.append(row)
-                    continue
-                matmul = matmul_flops_per_second()
-                run_dir = workdir / f"{model}_r{replicas}_{'xla' if jit else 'noxla'}"
-                with quiet_keras():
-                    metrics = train.train(config, run_dir, strategy=strategy, fresh=True, feature_set=features)
-                bound = matmul["best_gflops"] * 1e9 / row["flops_per_example"]
-                row.update(examples_per_second=metrics["examples_per_second"],
-                           steps_per_second=metrics["examples_per_second"] / TRAIN_BATCH,
-                           matmul_best_gflops=matmul["best_gflops"], roofline_examples_per_second=bound,
-                           roofline_fraction=metrics["examples_per_second"] / bound,
-                           train_seconds=metrics["train_seconds"])
-                rows.append(row)
-                if replicas == 1 and jit:
-                    run_dirs[model] = run_dir
-                progress(f"training {model}, {replicas} replica(s), XLA {jit}: "
-                         f"{row['examples_per_second']:.0f} examples/s = {row['roofline_fraction']:.0%} of "
-                         f"the roofline ({bound:.0f}/s at {matmul['best_gflops']:.0f} GFLOP/s)")
-                keras.backend.clear_session()
-                gc.collect()
+                    if replicas == 1 and not row["xla"] and precision == "float32":
+                        run_dirs[model] = run_dir
+                    progress(f"training {model}, {replicas} replica(s), XLA {row['xla']}, {precision}: "
+                             f"{speed:.0f} examples/s = {row['roofline_fraction']:.0%} of the {matmul_dtype} "
+                             f"roofline ({bound:.0f}/s at {matmul['best_gflops']:.0f} GFLOP/s)")
+                    keras.backend.clear_session()
+                    gc.collect()
     return rows, run_dirs
 
 
@@ -179,13 +191,15 @@ def _markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
 
 
 def print_report(report: dict) -> None:
-    print(f"matmul {MATMUL_SHAPE}: {report['matmul_before']['best_gflops']:.0f} GFLOP/s before, "
-          f"{report['matmul_after']['best_gflops']:.0f} after (best of rounds)\n")
+    print(f"float32 matmul {MATMUL_SHAPE}: {report['matmul_before']['best_gflops']:.0f} GFLOP/s before, "
+          f"{report['matmul_after']['best_gflops']:.0f} after (best of rounds); bfloat16 "
+          f"{report['matmul_bfloat16_before']['best_gflops']:.0f} before\n")
     if report.get("training"):
         print(_markdown(report["training"], [
-            ("model", "{}"), ("replicas", "{}"), ("xla", "{}"), ("examples_per_second", "{:.0f}"),
-            ("steps_per_second", "{:.2f}"), ("flops_per_example", "{:.3g}"), ("matmul_best_gflops", "{:.0f}"),
-            ("roofline_examples_per_second", "{:.0f}"), ("roofline_fraction", "{:.1%}"), ("note", "{}")]) + "\n")
+            ("model", "{}"), ("replicas", "{}"), ("xla", "{}"), ("precision", "{}"),
+            ("examples_per_second", "{:.0f}"), ("steps_per_second", "{:.2f}"), ("flops_per_example", "{:.3g}"),
+            ("matmul_best_gflops", "{:.0f}"), ("roofline_examples_per_second", "{:.0f}"),
+            ("roofline_fraction", "{:.1%}"), ("speedup_over_float32", "{:.2f}"), ("note", "{}")]) + "\n")
     if report.get("evaluation"):
         print(_markdown(report["evaluation"], [
             ("bits", "{}"), ("queries", "{}"), ("database", "{}"), ("map@1000_index_ties_seconds", "{:.2f}"),
@@ -236,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:
-    report = {"machine": machine_description(), "quick": args.quick, "matmul_before": matmul_flops_per_second()}
+    report = {"machine": machine_description(), "quick": args.quick, "matmul_before": matmul_flops_per_second(),
+              "matmul_bfloat16_before": matmul_flops_per_second(dtype="bfloat16")}
     progress(f"matmul {MATMUL_SHAPE}: {report['matmul_before']['best_gflops']:.0f} GFLOP/s")
     feature_set = source = None
     if {"training", "encoders"} & set(args.sections):

@@ -88,7 +88,7 @@ class Config:
     learning_rate_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to 0 at `steps`
     critic_learning_rate: float = 1e-4  # Adam, the adversarial critics
     seed: int = 0  # every random draw (initialisation, batches, sampling, anchors)
-    jit_compile: bool = False  # XLA: slower than TF's own CPU kernels here (BENCHMARKS.md); true on GPUs
+    jit_compile: Literal["auto", "true", "false"] = "auto"  # XLA; auto: on GPUs/TPUs, off on CPUs (BENCHMARKS.md)
     steps_per_execution: int = 50  # steps per tf.function call (1 with several replicas)
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"  # Keras dtype policy
     # --- logging / evaluation -----------------------------------------------
@@ -98,6 +98,10 @@ class Config:
     checkpoint_every: int = 1000  # steps between checkpoints
     checkpoints_to_keep: int = 3  # newest checkpoints kept
     final_eval_queries: Literal["q10k", "q1k"] = "q10k"  # query set of the final evaluation (tbhvae.protocol)
+
+    def __post_init__(self):
+        if isinstance(self.jit_compile, bool):  # Config(jit_compile=True) reads as "true"
+            object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
 
     def validate(self) -> "Config":
         for key, kind in _FIELD_TYPES.items():
@@ -158,7 +162,8 @@ _HINTS = typing.get_type_hints(Config)
 CHOICES = {key: typing.get_args(hint) for key, hint in _HINTS.items() if typing.get_origin(hint) is Literal}
 _FIELD_TYPES = {key: str if key in CHOICES else hint for key, hint in _HINTS.items()}
 # Values that earlier versions wrote to config.json, read as today's names.
-_RENAMED_VALUES = {"final_eval_queries": {"all": "q10k", "per_class_100": "q1k"}}
+_RENAMED_VALUES = {"final_eval_queries": {"all": "q10k", "per_class_100": "q1k"},
+                   "jit_compile": {False: "false", True: "true"}}
 
 
 def _describe_type(key: str) -> str:

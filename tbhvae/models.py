@@ -58,17 +58,21 @@ class Encoder(keras.layers.Layer):
 
 
 class Decoder(keras.layers.Layer):
-    """z' [B, C] -> reconstruction float32 [B, D] (ReLU output as the reference code, or linear)."""
+    """z' [B, C] -> reconstruction float32 [B, D] (ReLU output as the reference code, or linear).
+
+    Both layers compute in the policy's dtype (the output layer is the model's
+    largest); only the reconstruction is cast to float32 for the loss.
+    """
 
     def __init__(self, config: Config, input_dim: int, **kwargs):
         super().__init__(**kwargs)
         self.hidden = keras.layers.Dense(config.hidden_dim, activation="relu", name="decoder_hidden")
         self.output_layer = keras.layers.Dense(
             input_dim, activation=None if config.decoder_activation == "linear" else "relu",
-            name="decoder_output", dtype="float32")
+            name="decoder_output")
 
     def call(self, z_graph):
-        return self.output_layer(self.hidden(z_graph))
+        return tf.cast(self.output_layer(self.hidden(z_graph)), tf.float32)
 
 
 class TwinBottleneckHashing(keras.Model):
@@ -160,16 +164,27 @@ class TwinBottleneckHashing(keras.Model):
         return list(self.term_trackers.values())
 
     def training_flops_per_example(self, replica_batch: int) -> float:
-        """FLOP of one training step per example: 3 (forward + backward ~ 2 x forward) x 2 x MACs.
+        """FLOP of one training step per example, counting the matrix products only.
 
-        MACs per example: every Dense kernel [in, out] once (critics twice: a real
-        and a fake batch) plus the two batch-graph products, b b^T ([B, M] x [M, B])
-        and A z ([B, B] x [B, C]), B (M + C) per example. Needs a built model.
+        Trained products cost 3 x 2 x MACs (forward + backward ~ 2 x forward):
+        every Dense kernel [in, out] once (critics twice: a real and a fake
+        batch), the two batch-graph products b b^T ([B, M] x [M, B]) and A z
+        ([B, B] x [B, C]), B (M + C) MACs per example, and with the similarity
+        term its two [B, M] x [M, B] products, 2 B M. The similarity target is
+        forward only, 2 x MACs: the batch cosine B D and the anchor affinities
+        D x anchors. Needs a built model.
         """
         critic_ids = {id(v) for v in self.critic_variables}
         kernels = [v for v in self.trainable_variables if len(v.shape) == 2]
         dense = sum(int(np.prod(v.shape)) * (2 if id(v) in critic_ids else 1) for v in kernels)
-        return 6.0 * (dense + replica_batch * (self.config.bits + self.config.continuous_dim))
+        trained = dense + replica_batch * (self.config.bits + self.config.continuous_dim)
+        target = 0
+        if self.similarity is not None:
+            trained += 2 * replica_batch * self.config.bits
+            target = replica_batch * self.input_dim
+            if self.similarity.anchor_graph is not None:
+                target += self.input_dim * self.similarity.anchor_graph.centres.shape[0]
+        return 6.0 * trained + 2.0 * target
 
     # --------------------------------------------------------------- forward
     def encode(self, features):

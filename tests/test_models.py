@@ -199,3 +199,18 @@ def test_evaluation_forward_never_samples():
     np.testing.assert_array_equal(first.codes.numpy(), model.encode(features)["bits"].numpy())
     sampled = [model.forward(features, tf.constant([s, 0]), training=True).codes.numpy() for s in range(2)]
     assert not np.array_equal(*sampled)
+
+
+def test_training_flop_count_is_every_product_by_hand():
+    """D 10, hidden 16, M 6, C 8, B 12; TBH with linear critics, then with the anchor similarity term."""
+    config = Config(bits=6, hidden_dim=16, continuous_dim=8, batch_size=12, discriminator="linear").validate()
+    model = TwinBottleneckHashing(config, input_dim=10, dataset_size=500)
+    model.build_all()
+    # encoder 10x16 + 16x6 + 16x8, graph 8x8, decoder 8x16 + 16x10, critics (6 + 8) x 1 on two batches
+    dense = 10 * 16 + 16 * 6 + 16 * 8 + 8 * 8 + 8 * 16 + 16 * 10 + 2 * (6 + 8)
+    assert model.training_flops_per_example(12) == 6.0 * (dense + 12 * (6 + 8))
+    similar = TwinBottleneckHashing(config.replace(similarity_weight=1.0, similarity_target="anchor", anchors=20),
+                                    input_dim=10, dataset_size=500)
+    similar.build_all()
+    expected = 6.0 * (dense + 12 * (6 + 8) + 2 * 12 * 6) + 2.0 * (12 * 10 + 10 * 20)
+    assert similar.training_flops_per_example(12) == expected

@@ -277,6 +277,7 @@ def test_bfloat16_under_two_replicas_is_finite_identical_and_restores_the_policy
     assert np.isfinite(list(metrics["final_train_terms"].values())).all()
     model = captured["m"]
     assert model.encoder.hidden.compute_dtype == "bfloat16" and model.encoder.hidden.kernel.dtype == "float32"
+    assert model.decoder.output_layer.compute_dtype == "bfloat16"  # the largest layer, the reconstruction float32
     assert model.geco.log_lambda.dtype == "float32" and model.similarity.anchor_graph.centres.dtype == "float32"
     for variable in model.variables:
         values = [np.asarray(v) for v in strategy.experimental_local_results(variable.value)]
@@ -365,3 +366,11 @@ def test_the_projector_sprite_holds_each_sampled_rows_thumbnail(tmp_path):
         top, left = (position // 4) * THUMBNAIL, (position % 4) * THUMBNAIL
         centre = pixels[top + THUMBNAIL // 2, left + THUMBNAIL // 2].astype(int)
         assert np.abs(centre - colours[y]).max() < 30, position
+
+
+def test_xla_is_on_by_default_only_off_cpus_and_never_for_several_cpu_replicas():
+    one, two = tf.distribute.get_strategy(), two_replicas()
+    assert Config().jit_compile == "auto" and Config(jit_compile=True).jit_compile == "true"
+    assert not train.use_xla(Config(), one) and not train.use_xla(Config(), two)  # this machine has no GPU
+    assert train.use_xla(Config(jit_compile="true"), one) and not train.use_xla(Config(jit_compile="true"), two)
+    assert not train.use_xla(Config(jit_compile="false"), one)

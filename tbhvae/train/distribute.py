@@ -161,16 +161,26 @@ def execution_steps(config: Config, start_step: int, replicas: int) -> int:
 
 
 def use_xla(config: Config, strategy: tf.distribute.Strategy) -> bool:
-    """XLA for the train step, except for several replicas on CPU devices.
+    """Whether the train step is XLA-compiled: `jit_compile`, with "auto" = only on accelerators.
 
-    Logical CPU devices share one XLA host, and a compiled replica step then
-    reads another replica's variables ("Trying to access resource ... located
-    in device CPU:1"); GPUs each get their own compiled step.
+    "auto" leaves CPUs to TensorFlow's own (oneDNN) kernels, which train both
+    models faster than XLA's CPU backend (BENCHMARKS.md, "Training throughput").
+    Several replicas on CPU devices never use XLA: logical CPU devices share
+    one XLA host, and a compiled replica step then reads another replica's
+    variables ("Trying to access resource ... located in device CPU:1").
     """
-    if strategy.num_replicas_in_sync == 1:
-        return config.jit_compile
-    on_cpus = all("CPU" in device.upper() for device in strategy.extended.worker_devices)
-    return config.jit_compile and not on_cpus
+    on_cpus = _runs_on_cpus(strategy)
+    if config.jit_compile == "auto":
+        return not on_cpus
+    return config.jit_compile == "true" and (strategy.num_replicas_in_sync == 1 or not on_cpus)
+
+
+def _runs_on_cpus(strategy: tf.distribute.Strategy) -> bool:
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy, which places ops on the first GPU when there is one
+        return not tf.config.list_logical_devices("GPU")
+    return all("CPU" in device.upper() for device in devices)
 
 
 def _report_metrics_as_vectors(model: keras.Model) -> None:

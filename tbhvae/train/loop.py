@@ -32,6 +32,7 @@ from tbhvae.models import TwinBottleneckHashing, encode_features
 from tbhvae.protocol import select_queries
 from tbhvae.train import distribute
 from tbhvae.train.monitor import EMPTY_TOTALS, TrainingMonitor, stop_on_sigterm, write_final_summaries, write_hparams
+from tbhvae.train.optimizers import FusedAdam
 from tbhvae.train.projector import write_projector
 from tbhvae.train.rundir import RunDirectory, TrainingError
 
@@ -76,7 +77,7 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
     if chief:
         run.remove_partial_saves()
     keras.utils.set_random_seed(config.seed)
-    model, actor, critic = _build_model(config, feature_set, strategy)
+    model, actor, critic = build_model(config, feature_set, strategy)
     with tf.device("CPU:0"):  # host-side bookkeeping, identical on every worker: not mirrored
         totals = tf.Variable(json.dumps(EMPTY_TOTALS), dtype=tf.string, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, actor_optimizer=actor, run_totals=totals,
@@ -128,13 +129,13 @@ def features_extractor(config: Config, feature_set: FeatureSet) -> dict | None:
     return {"backbone": declared, "weights": "imagenet", "input_size": None}
 
 
-def _build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribute.Strategy):
+def build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribute.Strategy):
     """The model adapted to the train features and compiled with fresh optimisers: (model, actor, critic)."""
     with strategy.scope():
         model = TwinBottleneckHashing(config, feature_set.dim, dataset_size=len(feature_set.train_features))
         model.adapt(feature_set.train_features)
-        actor = keras.optimizers.Adam(actor_learning_rate(config), name="actor_adam")
-        critic = keras.optimizers.Adam(config.critic_learning_rate, name="critic_adam")
+        actor = FusedAdam(actor_learning_rate(config), name="actor_adam")
+        critic = FusedAdam(config.critic_learning_rate, name="critic_adam")
         if config.mixed_precision == "mixed_float16":
             actor, critic = keras.optimizers.LossScaleOptimizer(actor), keras.optimizers.LossScaleOptimizer(critic)
         model.compile(actor_optimizer=actor, critic_optimizer=critic, optimizer=actor, auto_scale_loss=False)
