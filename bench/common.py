@@ -26,6 +26,19 @@ DEEP_CONFIGS = {
 }
 
 
+# Keras dtype policy -> the dtype of its matrix products (the roofline's matmul)
+PRECISIONS = {"float32": "float32", "mixed_bfloat16": "bfloat16"}
+
+
+def random_features(train_rows: int, test_rows: int, dim: int, classes: int = 10, seed: int = 0):
+    """A FeatureSet of uniform [0, 1) features and random labels, for speed benchmarks without data."""
+    from tbhvae.data import FeatureSet
+
+    rng = np.random.default_rng(seed)
+    return FeatureSet(rng.random((train_rows, dim), np.float32), rng.integers(0, classes, train_rows),
+                      rng.random((test_rows, dim), np.float32), rng.integers(0, classes, test_rows))
+
+
 class BenchError(ValueError):
     """Bad flags or inputs; the message names the flag and the fix."""
 

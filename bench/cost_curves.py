@@ -31,10 +31,18 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import BenchError, command_line, int_list, machine_description, progress, write_json
+from bench.common import (
+    PRECISIONS,
+    BenchError,
+    command_line,
+    int_list,
+    machine_description,
+    progress,
+    random_features,
+    write_json,
+)
+from bench.step_profile import MODELS
 
-MODELS = ("tbh", "tbhvae")
-PRECISIONS = ("float32", "mixed_bfloat16")
 FIXED = {"batch": 400, "bits": 32, "dim": 1280}
 SWEEPS = {"batch": [100, 400, 1600, 3200], "bits": [16, 64, 256], "dim": [512, 2048, 4096]}
 TRAIN_ROWS = 8000  # training rows of the synthetic features (>= the largest batch)
@@ -51,9 +59,9 @@ def measure_point(model: str, precision: str, batch: int, bits: int, dim: int, s
     """One training point, in this process: examples/s, peak and model memory (MB), FLOP shares."""
     import tensorflow as tf  # noqa: F401  (imported before the baseline memory reading)
 
-    from bench.step_profile import seconds_per_step, synthetic_features, train_step_of
+    from bench.step_profile import seconds_per_step, train_step_of
 
-    feature_set = synthetic_features(max(TRAIN_ROWS, batch), dim)
+    feature_set = random_features(max(TRAIN_ROWS, batch), 100, dim)
     before = _resident_mb()
     with train_step_of(model, precision, feature_set, bits, batch) as (net, step, batch_features):
         seconds = seconds_per_step(step, batch_features, warmup=3, steps=steps)

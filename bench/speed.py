@@ -37,27 +37,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from bench.common import (
+    DEEP_CONFIGS,
     DEFAULT_FEATURES,
+    PRECISIONS,
     REPO_ROOT,
     BenchError,
     command_line,
     machine_description,
     progress,
     quiet_keras,
+    random_features,
     write_json,
 )
 from bench.encoder_speed import encoder_rows
 from bench.eval_speed import EVAL_CLASSES, EVAL_DATABASE, EVAL_QUERIES, MAP_RATIO_TARGET, evaluation_rows
 
 SECTIONS = ("training", "evaluation", "encoders", "index")
-MODELS = {"tbh": "cifar10_tbh.py", "tbhvae": "cifar10_tbhvae.py"}
+MODELS = {model: DEEP_CONFIGS[model] for model in ("tbh", "tbhvae")}
 MATMUL_SHAPE = (400, 1280, 1024)  # [m, k] x [k, n]
 TRAIN_BITS, TRAIN_BATCH = 32, 400
-SYNTHETIC_ROWS = (50_000, 10_000, 1280)  # train, test, dim when no feature file is found
+SYNTHETIC_ROWS = (50_000, 10_000, 1280)  # train rows, test rows, dim when no feature file is found
 
 
 def split_cpu(count: int = 2) -> None:
@@ -102,14 +104,11 @@ def training_flops_per_example(config, input_dim: int, replica_batch: int) -> fl
 # ------------------------------------------------------------------ training
 def load_feature_set(path: str | None):
     """The feature file, or (no --features and no shared file) random non-negative features."""
-    from tbhvae.data import FeatureSet, load_features
+    from tbhvae.data import load_features
 
     if path is not None or DEFAULT_FEATURES.is_file():
         return load_features(path or DEFAULT_FEATURES), str(path or DEFAULT_FEATURES)
-    rng = np.random.default_rng(0)
-    train, test, dim = SYNTHETIC_ROWS
-    return FeatureSet(rng.random((train, dim), np.float32), rng.integers(0, EVAL_CLASSES, train),
-                      rng.random((test, dim), np.float32), rng.integers(0, EVAL_CLASSES, test)), "synthetic"
+    return random_features(*SYNTHETIC_ROWS, classes=EVAL_CLASSES), "synthetic"
 
 
 def _small_test_split(feature_set):
@@ -120,9 +119,6 @@ def _small_test_split(feature_set):
     rows = per_class_queries(feature_set.test_labels, 10)
     return FeatureSet(feature_set.train_features, feature_set.train_labels, feature_set.test_features[rows],
                       feature_set.test_labels[rows], feature_set.class_names)
-
-
-PRECISIONS = {"float32": "float32", "mixed_bfloat16": "bfloat16"}  # policy -> its matmul dtype
 
 
 def training_rows(feature_set, steps: int, workdir: Path, mirrored) -> tuple[list[dict], dict[str, Path]]:

@@ -25,13 +25,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
-from bench.common import REPO_ROOT, BenchError, command_line, progress, write_json
+from bench.common import (
+    DEEP_CONFIGS,
+    PRECISIONS,
+    REPO_ROOT,
+    BenchError,
+    command_line,
+    progress,
+    random_features,
+    write_json,
+)
 
-MODELS = {"tbh": "cifar10_tbh.py", "tbhvae": "cifar10_tbhvae.py"}
-PRECISIONS = ("float32", "mixed_bfloat16")
+MODELS = ("tbh", "tbhvae")
 KINDS = ("matmul", "optimizer", "cast", "bias_grad", "random", "other")
 
 
@@ -76,13 +83,6 @@ def breakdown(ops: list[dict], top: int = 8) -> dict:
             "top_op_types": {name: value / total for name, value in types.most_common(top)}}
 
 
-def synthetic_features(rows: int, dim: int):
-    from tbhvae.data import FeatureSet
-    rng = np.random.default_rng(0)
-    return FeatureSet(rng.random((rows, dim), np.float32), rng.integers(0, 10, rows),
-                      rng.random((100, dim), np.float32), rng.integers(0, 10, 100))
-
-
 @contextlib.contextmanager
 def train_step_of(model: str, precision: str, feature_set, bits: int, batch: int):
     """(compiled train step, one batch) of `model` as the trainer builds it, under its precision policy."""
@@ -92,7 +92,7 @@ def train_step_of(model: str, precision: str, feature_set, bits: int, batch: int
     from tbhvae.train import distribute
     from tbhvae.train.loop import build_model
 
-    config = load_config(REPO_ROOT / "configs" / MODELS[model]).replace(
+    config = load_config(REPO_ROOT / "configs" / DEEP_CONFIGS[model]).replace(
         bits=bits, batch_size=batch, mixed_precision=precision)
     with distribute.precision_policy(precision):
         net, _, _ = build_model(config, feature_set, tf.distribute.get_strategy())
@@ -139,7 +139,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tbh,tbhvae")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--features", default=None, help="feature .npz (default: random 20,000 x 1280)")
     parser.add_argument("--steps", type=int, default=50, help="timed steps (default %(default)s)")
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from tbhvae.data import load_features
         feature_set = load_features(args.features)
     else:
-        feature_set = synthetic_features(20_000, 1280)
+        feature_set = random_features(20_000, 100, 1280)
     with tempfile.TemporaryDirectory(prefix="tbhvae-profile-") as tmp:
         logdir = Path(args.logdir or tmp)
         rows = []

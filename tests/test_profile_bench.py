@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bench import cost_curves, step_profile
+from bench import common, cost_curves, step_profile
 
 
 def test_op_kinds_group_the_profiled_ops():
@@ -20,7 +20,7 @@ def test_op_kinds_group_the_profiled_ops():
 
 def test_step_profile_of_a_real_step_is_mostly_its_matmuls(tmp_path):
     pytest.importorskip("xprof", reason="tensorboard-plugin-profile (extra tbhvae[profile]) not installed")
-    features = step_profile.synthetic_features(800, 64)
+    features = common.random_features(800, 100, 64)
     row = step_profile.profile_step("tbh", "float32", features, tmp_path, bits=16, batch=200, warmup=2,
                                     steps=3, profile_steps=3)
     assert sum(row["kinds"].values()) == pytest.approx(1.0)
