@@ -6,7 +6,9 @@ returns TF Serving's answer, or raises RestError where TF Serving answers HTTP 4
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -16,14 +18,22 @@ class RestError(ValueError):
     """A REST request TF Serving would reject (HTTP 400); the message names the problem."""
 
 
-def _decode_b64(value):
-    """{"b64": "..."} objects (TF Serving's binary encoding) -> bytes, recursively."""
+def _decode_b64(name: str, value):
+    """{"b64": "..."} objects (TF Serving's binary encoding) -> bytes, recursively; plain strings stay."""
     if isinstance(value, dict):
         if set(value) != {"b64"}:
             raise RestError(f"a JSON object in a tensor value must be {{\"b64\": ...}}, got keys {sorted(value)}")
-        return base64.b64decode(value["b64"])
+        try:
+            if not isinstance(value["b64"], str):
+                raise TypeError(f"a {type(value['b64']).__name__}, not a string")
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, TypeError) as err:
+            raise RestError(f"input '{name}': a \"b64\" value is not valid base64 ({err})") from None
     if isinstance(value, list):
-        return [_decode_b64(v) for v in value]
+        return [_decode_b64(name, v) for v in value]
+    if not isinstance(value, str):
+        raise RestError(f"input '{name}': each value must be a string or {{\"b64\": ...}}, got "
+                        f"{type(value).__name__} {value!r}")
     return value
 
 
@@ -44,11 +54,15 @@ def _checked_numbers(name: str, array: np.ndarray, dtype: tf.DType) -> np.ndarra
 def _to_tensor(name: str, value, spec: tf.TensorSpec) -> tf.Tensor:
     """One input's JSON value -> a tensor of `spec`'s dtype and shape; RestError naming the input otherwise."""
     if spec.dtype == tf.string:
-        value = _decode_b64(value)
+        value = _decode_b64(name, value)
     try:
         # read as float64 first, so that nulls, NaN, Infinity, overflow and fractional
         # pixels are seen before the cast to the signature's dtype could hide them
-        array = np.asarray(value, dtype=object if spec.dtype == tf.string else np.float64)
+        array = np.asarray(value, dtype=object if spec.dtype == tf.string else None)
+        if spec.dtype != tf.string:
+            if array.dtype.kind in "USO" and any(isinstance(v, str) for v in array.ravel()):
+                raise ValueError("strings where numbers belong")
+            array = array.astype(np.float64)
     except (TypeError, ValueError) as err:
         raise RestError(f"input '{name}': cannot be read as {spec.dtype.name} ({err}); every instance "
                         f"needs the same shape {spec.shape[1:].as_list()}") from None
@@ -60,7 +74,29 @@ def _to_tensor(name: str, value, spec: tf.TensorSpec) -> tf.Tensor:
     return tf.constant(array, dtype=spec.dtype)
 
 
+def _problem_line(message: str) -> str:
+    """The line of a TF error that says what is wrong: a shape mismatch, else the op's own message.
+
+    Graph execution errors start with "Graph execution error:" and the Python trace of the
+    failing node; the op's message (e.g. "Unknown image file format ...") comes last, after
+    {{function_node ...}} tags and before the [[node ...]] line.
+    """
+    lines = [re.sub(r"\{\{[^}]*\}\}", "", line).strip() for line in message.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("Graph execution error", "Detected at node",
+                                                                     "File ", "[["))]
+    return next((line for line in lines if "compatible" in line or "expected" in line),
+                lines[-1] if lines else "the signature rejected the input")
+
+
 def rest_predict(loaded, body: dict | str) -> dict:
+    """TF Serving's REST predict on a loaded SavedModel (`_predict`); a body nested too deeply is a RestError."""
+    try:
+        return _predict(loaded, body)
+    except RecursionError:
+        raise RestError("request body is nested too deeply") from None
+
+
+def _predict(loaded, body: dict | str) -> dict:
     """Runs a TF Serving REST predict request body through a loaded SavedModel.
 
     body: {"instances": [...]} (row format: each instance is the value of the only
@@ -121,9 +157,7 @@ def rest_predict(loaded, body: dict | str) -> dict:
     try:
         outputs = {key: value.numpy() for key, value in signature(**tensors).items()}
     except (tf.errors.InvalidArgumentError, ValueError, TypeError) as err:
-        message = getattr(err, "message", str(err)).strip().splitlines()
-        raise RestError(next((line for line in message if "compatible" in line or "expected" in line),
-                             message[0] if message else type(err).__name__)) from None
+        raise RestError(_problem_line(getattr(err, "message", str(err)))) from None
     names = sorted(outputs)
     if row_format:
         count = len(instances)

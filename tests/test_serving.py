@@ -374,11 +374,51 @@ def test_rest_row_and_columnar_formats(exported):
     ('{"instances": [[1e400' + ', 0.0' * (DIM - 1) + ']]}', "finite numbers"),
     ({"instances": [[1e39] + [0.0] * (DIM - 1)]}, "beyond the float32 range"),
     ({"instances": [[0.0] * DIM], "signature": "serving_default"}, "unknown request key"),
+    ({"instances": [[{"b64": "AAAA"}] * DIM]}, "cannot be read as float32"),
+    ({"instances": [["0.5"] * DIM]}, "cannot be read as float32"),
 ])
 def test_rest_rejects_bad_requests(exported, body, message):
     loaded = tf.saved_model.load(str(exported[1]))
     with pytest.raises(rest_emulator.RestError, match=message):
         rest_emulator.rest_predict(loaded, body)
+
+
+@pytest.fixture(scope="module")
+def image_export(synthetic_run, tmp_path_factory):
+    """A loaded SavedModel of the synthetic run with the (random-weight) mobilenet_v2 image signatures."""
+    own_features = dataclasses.replace(synthetic_run, config=synthetic_run.config.replace(
+        features="", backbone="mobilenet_v2", backbone_weights="none"))
+    backbone = export.run_backbone(own_features, input_size=32)
+    path = export.export_saved_model(synthetic_run, tmp_path_factory.mktemp("images"), "img", backbone)
+    return tf.saved_model.load(str(path))
+
+
+@pytest.mark.parametrize("instances, message", [
+    ([{"b64": "abc"}], "not valid base64"),  # bad padding
+    ([{"b64": "a*b="}], "not valid base64"),  # a character outside the alphabet
+    ([{"b64": 5}], "not valid base64"),
+    ([{"b64": ["AAAA"]}], "not valid base64"),
+    ([{"b64": base64.b64encode(b"not an image at all").decode()}], "Unknown image file format"),
+    ([[[[[0]]]]], "must be a string"),
+    (["AAAA"], "Unknown image file format"),  # a plain string is taken as the bytes themselves, as TF Serving does
+])
+def test_rest_rejects_bad_binary_inputs_naming_the_problem(image_export, instances, message):
+    with pytest.raises(rest_emulator.RestError, match=message):
+        rest_emulator.rest_predict(image_export, {"signature_name": "encode_jpeg", "instances": instances})
+
+
+def test_rest_rejects_pixels_out_of_range_and_deep_nesting(image_export):
+    for value, message in ((300, r"integers in \[0, 255\]"), (1.5, r"integers in \[0, 255\]")):
+        with pytest.raises(rest_emulator.RestError, match=message):
+            rest_emulator.rest_predict(image_export, {"signature_name": "encode_images",
+                                                      "instances": [[[[value] * 3] * 8] * 8]})
+    nested = [0]
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(rest_emulator.RestError, match="maximum number of dimension"):
+        rest_emulator.rest_predict(image_export, {"signature_name": "encode_images", "instances": nested})
+    with pytest.raises(rest_emulator.RestError, match="nested too deeply"):
+        rest_emulator.rest_predict(image_export, '{"instances": ' + "[" * 100000 + "]" * 100000 + "}")
 
 
 def test_rest_pixels_must_be_integers_in_range():
