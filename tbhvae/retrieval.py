@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,12 +56,17 @@ def jpeg_rows(path: str | Path, split: str, rows) -> list[bytes]:
 
 
 def image_count(path: str | Path, split: str) -> int:
-    """Number of images of `split` in a JPEG .npz."""
-    with np.load(path, allow_pickle=False) as data:
-        key = f"{split}_offsets"
-        if key not in data.files:
-            raise RetrievalError(f"{path}: missing {key}; expected the layout of cifar10_jpeg.npz")
-        return len(data[key]) - 1
+    """Number of images of `split` in a JPEG .npz; RetrievalError when it is missing or not one."""
+    if not Path(path).is_file():
+        raise RetrievalError(f"{path}: JPEG .npz not found; pass --images with e.g. ../shared/data/cifar10_jpeg.npz")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            key = f"{split}_offsets"
+            if key not in data.files:
+                raise RetrievalError(f"{path}: missing {key}; expected the layout of cifar10_jpeg.npz")
+            return len(data[key]) - 1
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise RetrievalError(f"{path}: not a JPEG .npz ({err})") from None
 
 
 def _tile(encoded: bytes, cell: int, border: int, colour) -> np.ndarray:

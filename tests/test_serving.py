@@ -155,6 +155,80 @@ def test_cli_writes_saved_model_tflite_and_parity_report(synthetic_run, tmp_path
         assert report["rows"][variant]["size_bytes"] == (tmp_path / "lite" / "1" / f"{variant}.tflite").stat().st_size
 
 
+def write_jpeg_npz(path, rows: dict, seed: int = 0):
+    """A JPEG .npz in the layout of cifar10_jpeg.npz: split -> number of random images, of two sizes."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in rows.items():
+        jpegs = [tf.io.encode_jpeg(rng.integers(0, 256, (32, 32, 3) if i % 3 else (40, 48, 3), dtype=np.uint8)
+                                   ).numpy() for i in range(count)]
+        arrays[f"{split}_bytes"] = np.frombuffer(b"".join(jpegs), np.uint8)
+        arrays[f"{split}_offsets"] = np.concatenate([[0], np.cumsum([len(j) for j in jpegs])])
+    np.savez(path, **arrays)
+    return path
+
+
+IMAGE_FLAGS = ["--backbone", "mobilenet_v2", "--backbone_weights", "none", "--allow_backbone_mismatch",
+               "--backbone_input_size", "32"]
+
+
+def test_cli_images_flag_writes_image_variants_of_mixed_size_images(synthetic_run, tmp_path):
+    images = write_jpeg_npz(tmp_path / "images.npz", {"train": 512, "test": 64})
+    command = [sys.executable, "export.py", "--model_dir", str(synthetic_run.path), "--out", str(tmp_path / "base"),
+               "--tflite_dir", str(tmp_path / "lite"), "--latency_repeats", "1", "--representative_examples", "20",
+               "--image_parity_examples", "12", "--images", str(images), *IMAGE_FLAGS]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "lite" / "1" / "parity.json").read_text())
+    assert report["images"]["examples"] == 12 and report["images"]["source"] == str(images)
+    assert set(report["images"]["rows"]) == {"saved_model_jpeg", *(f"images_{v}" for v in export.TFLITE_VARIANTS)}
+    # random-weight backbone on random pixels: the feature rows are not these images' features, so only
+    # the float32 file must agree with the SavedModel's own JPEG path, which decodes the same pixels
+    lite = encoders.LiteEncoder(tmp_path / "lite" / "1" / "images_float32.tflite")
+    saved = encoders.SavedModelEncoder(report["saved_model"])
+    from tbhvae.export.parity import encode_images_by_size
+    from tbhvae.retrieval import jpeg_rows
+    jpegs = jpeg_rows(images, "test", range(6))  # rows 0 and 3 are 48x40, the rest 32x32
+    by_lite = encode_images_by_size(lite, [decode_rgb(j).numpy() for j in jpegs])
+    np.testing.assert_array_equal(by_lite["bits"], saved.encode_jpeg(jpegs)["bits"])
+    assert "from images:" in result.stdout
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_tflite_dir", "pass --tflite_dir too"),
+    ("no_backbone", "pass --backbone NAME"),
+    ("missing_file", "JPEG .npz not found"),
+    ("not_an_npz", "not a JPEG .npz"),
+])
+def test_cli_images_flag_misuse_is_one_line_before_any_export(synthetic_run, tmp_path, case, message):
+    images = tmp_path / "images.npz"
+    if case == "not_an_npz":
+        images.write_bytes(b"these are not images")
+    elif case != "missing_file":
+        write_jpeg_npz(images, {"train": 2, "test": 2})
+    command = [sys.executable, "export.py", "--model_dir", str(synthetic_run.path), "--out", str(tmp_path / "base"),
+               "--images", str(images)]
+    command += [] if case == "no_tflite_dir" else ["--tflite_dir", str(tmp_path / "lite")]
+    command += [] if case == "no_backbone" else IMAGE_FLAGS
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+    assert not (tmp_path / "base").exists() and not (tmp_path / "lite").exists()
+
+
+def test_decode_rgb_arrays_resizes_mixed_sizes_only_when_asked():
+    from tbhvae.data.images import decode_rgb_arrays
+    jpegs = [tf.io.encode_jpeg(tf.fill([h, w, 3], tf.constant(v, tf.uint8))).numpy()
+             for h, w, v in ((32, 32, 10), (40, 48, 200))]
+    with pytest.raises(ValueError, match=r"2 sizes \(32x32 \.\.\. 48x40 pixels\)"):
+        decode_rgb_arrays(jpegs)
+    batch = decode_rgb_arrays(jpegs, size=32)
+    assert batch.shape == (2, 32, 32, 3) and batch.dtype == np.uint8
+    assert abs(int(batch[0].mean()) - 10) <= 1 and abs(int(batch[1].mean()) - 200) <= 1
+
+
 def test_lite_encoder_rejects_wrong_feature_size(exported, tmp_path):
     path = tmp_path / "float32.tflite"
     path.write_bytes(export.convert_tflite(exported[1], "float32"))

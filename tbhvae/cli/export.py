@@ -87,17 +87,18 @@ def image_rows(feature_set, split: str, count: int | None = None):
     return rows, (index[rows] if index is not None else rows)
 
 
-def write_tflite(run, path, representative, test, feature_set, calibration_images=None):
+def write_tflite(run, path, representative, test, feature_set, calibration_images=None, image_size=None):
     """The TFLite variants and parity.json in a new version of --tflite_dir: (files, report, version dir).
 
     calibration_images: rows of --images' train split aligned with `representative` (the
-    int8 image variant calibrates on the pixels of the rows the feature one calibrates on),
-    or None for the feature variants only."""
+    int8 image variant calibrates on the pixels of the rows the feature one calibrates on,
+    images of several sizes resized to `image_size`, the backbone's input side), or None
+    for the feature variants only."""
     from tbhvae import encoders, export
     from tbhvae.data.images import decode_rgb_arrays
     from tbhvae.retrieval import jpeg_rows
 
-    pixels = (decode_rgb_arrays(jpeg_rows(FLAGS.images, "train", calibration_images))
+    pixels = (decode_rgb_arrays(jpeg_rows(FLAGS.images, "train", calibration_images), size=image_size)
               if calibration_images is not None else None)
     with export.new_version(FLAGS.tflite_dir) as version:  # never replaces an earlier export
         files = export.write_tflite_variants(path, version.staging, representative, representative_images=pixels)
@@ -119,6 +120,19 @@ def write_tflite(run, path, representative, test, feature_set, calibration_image
     return files, report, version.final
 
 
+def check_images_flag(run, backbone, image_count) -> None:
+    """--images is used only with --tflite_dir and image signatures, and must be a JPEG .npz: else ExportError."""
+    from tbhvae.export import ExportError
+
+    if not FLAGS.tflite_dir:
+        raise ExportError("--images feeds the image TFLite variants and their parity report: pass --tflite_dir too")
+    if backbone is None:
+        raise ExportError(f"--images needs image signatures, but the run in {run.path} records no feature "
+                          f"extractor that the export can rebuild; pass --backbone NAME (see --help)")
+    image_count(FLAGS.images, "train")  # a missing file or another layout fails here, before any export
+    image_count(FLAGS.images, "test")
+
+
 def main(argv):
     expect_no_arguments(argv)
     if not FLAGS["verbosity"].present:
@@ -126,7 +140,7 @@ def main(argv):
     start_tensorflow()
     from tbhvae import export  # after flag parsing: --help stays fast
     from tbhvae.checks import check_writable
-    from tbhvae.retrieval import RetrievalError
+    from tbhvae.retrieval import RetrievalError, image_count
 
     try:  # both outputs before any work: a TFLite dir that fails must not leave a SavedModel behind
         check_writable(FLAGS.out, "--out", export.ExportError, directory=True)
@@ -135,10 +149,12 @@ def main(argv):
         run = export.load_run(FLAGS.model_dir)
         backbone = export.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size,
                                        FLAGS.allow_backbone_mismatch)
+        if FLAGS.images:
+            check_images_flag(run, backbone, image_count)
         feature_set = parity_features(run, FLAGS.features) if FLAGS.tflite_dir else None
         path = export.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default,
                                          FLAGS.serving_root)
-    except export.ExportError as err:
+    except (export.ExportError, RetrievalError) as err:
         fail(str(err))
     signatures = ["serving_default", "encode_features"] + (["encode_images", "encode_jpeg"] if backbone else [])
     print(f"SavedModel written to {path} (signatures: {', '.join(signatures)}; "
@@ -151,12 +167,13 @@ def main(argv):
     if FLAGS.images:
         rows, source_rows = image_rows(feature_set, "train", FLAGS.representative_examples)
         representative = feature_set.train_features[rows]
-        calibration_images = source_rows if backbone else None
+        calibration_images = source_rows
     else:
         representative = export.representative_rows(feature_set.train_features, FLAGS.representative_examples)
     test = feature_set.test_features[:FLAGS.parity_examples or None]
     try:
-        files, report, version_dir = write_tflite(run, path, representative, test, feature_set, calibration_images)
+        files, report, version_dir = write_tflite(run, path, representative, test, feature_set, calibration_images,
+                                                  backbone.input_size if backbone else None)
     except (export.ExportError, RetrievalError) as err:
         fail(f"{err} (the SavedModel {path} was written)")
     print("TFLite files: " + ", ".join(str(version_dir / p.name) for p in files.values()))

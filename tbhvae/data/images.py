@@ -89,9 +89,28 @@ def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def decode_rgb_arrays(encoded: list[bytes]) -> np.ndarray:
-    """Encoded images [N] of one size -> uint8 [N, H, W, 3] (`decode_rgb` each)."""
-    return np.stack([decode_rgb(tf.constant(data)).numpy() for data in encoded])
+def decode_rgb_arrays(encoded: list[bytes], size: int | None = None) -> np.ndarray:
+    """Encoded images [N] -> uint8 [N, H, W, 3] (`decode_rgb` each).
+
+    Images of several sizes need `size`: those not already [size, size] are resized
+    (bilinear, rounded to uint8), for uses such as int8 calibration that need one batch;
+    without it they are a ValueError naming the sizes (group them with `decode_rgb_list`).
+    """
+    images = decode_rgb_list(encoded)
+    sizes = sorted({image.shape[:2] for image in images})
+    if len(sizes) > 1:
+        if size is None:
+            raise ValueError(f"the images have {len(sizes)} sizes ({sizes[0][1]}x{sizes[0][0]} ... "
+                             f"{sizes[-1][1]}x{sizes[-1][0]} pixels), not one")
+        images = [image if image.shape[:2] == (size, size) else
+                  np.clip(np.round(tf.image.resize(image, [size, size]).numpy()), 0, 255).astype(np.uint8)
+                  for image in images]
+    return np.stack(images)
+
+
+def decode_rgb_list(encoded: list[bytes]) -> list[np.ndarray]:
+    """Encoded images [N] -> N uint8 arrays [H_i, W_i, 3] (`decode_rgb` each), sizes kept."""
+    return [decode_rgb(tf.constant(data)).numpy() for data in encoded]
 
 
 class JpegNpzSource(ImageSource):

@@ -65,22 +65,38 @@ def image_parity_report(reference: KerasEncoder, features: np.ndarray, jpegs: li
     LiteEncoder of an images_*.tflite, fed the decoded pixels uint8 [N, H, W, 3] (one size).
     Same rows and units as `parity_report`; latency_ms is per image, batch of 1, from pixels.
     """
-    from tbhvae.data.images import decode_rgb_arrays
+    from tbhvae.data.images import decode_rgb_list
     from tbhvae.encoders import median_ms  # encoders import tbhvae.export: not at module level
 
     files = files or {}
     expected = reference.encode(features)
     logits = reference.logits(features)
-    pixels = decode_rgb_arrays(jpegs)
+    images = decode_rgb_list(jpegs)
     jpeg_latency = median_ms(functools.partial(saved_model.encode_jpeg, jpegs[:1]), IMAGE_REPEATS)
     rows = {"saved_model_jpeg": {**compare_codes(expected, logits, saved_model.encode_jpeg(jpegs)), "size_bytes": None,
                                  "latency_ms": jpeg_latency}}
     for name, encoder in lite.items():
-        rows[name] = {**compare_codes(expected, logits, encoder.encode_images(pixels)),
+        rows[name] = {**compare_codes(expected, logits, encode_images_by_size(encoder, images)),
                       "size_bytes": int(files[name].stat().st_size) if name in files else None,
-                      "latency_ms": median_ms(functools.partial(encoder.encode_images, pixels[:1]), IMAGE_REPEATS)}
+                      "latency_ms": median_ms(functools.partial(encoder.encode_images, images[0][None]),
+                                              IMAGE_REPEATS)}
     return {"examples": int(len(features)), "bits": reference.bits, "reference": f"{reference.description} "
             f"on the features of the same rows", "rows": rows}
+
+
+def encode_images_by_size(encoder: Encoder, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """`encoder.encode_images` of uint8 images [H_i, W_i, 3] of any sizes, one batch per size;
+    outputs in the order of `images`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    outputs: dict[str, np.ndarray] = {}
+    for rows in groups.values():
+        for key, value in encoder.encode_images(np.stack([images[i] for i in rows])).items():
+            if key not in outputs:
+                outputs[key] = np.empty((len(images), *value.shape[1:]), value.dtype)
+            outputs[key][rows] = value
+    return outputs
 
 
 def format_parity_table(report: dict) -> str:
