@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +112,13 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 def first_line(err: BaseException, limit: int | None = None) -> str:
     """The first non-empty line of an exception's message, else its type name (for one-line errors).
 
-    limit: at most this many characters, "..." marking a cut (TF's messages can run to kilobytes).
+    TF's {{function_node ...}} / {{node ...}} tags are dropped. limit: at most about this many
+    characters, " ... " marking a cut in the middle, so that the end of the line, where the
+    operating system's reason stands ("...: No space left on device"), is kept.
     """
-    text = str(err).strip()
-    line = text.splitlines()[0] if text else type(err).__name__
-    return line[:limit] + "..." if limit is not None and len(line) > limit else line
+    text = re.sub(r"\{\{[^}]*\}\}", "", str(err))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else type(err).__name__
+    if limit is None or len(line) <= limit:
+        return line
+    return f"{line[:limit // 2]} ... {line[-(limit // 2):]}"

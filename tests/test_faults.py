@@ -13,6 +13,7 @@ import io
 import os
 import re
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -160,6 +161,50 @@ def test_full_disk_during_a_checkpoint_save_stops_with_one_line_keeping_the_last
                                             r"\); the last good one .*ckpt-10\) was kept"):
         train.train(config, run_copy, strategy=tf.distribute.get_strategy(), feature_set=tiny["feature_set"])
     assert hashes(run_copy / "checkpoints") == before
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 4 MiB tmpfs mounted for the test (root on Linux); skips where the platform does not allow it."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True) if shutil.which("mount") else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() if mounted else 'no mount command'})")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill_disk(directory: Path, leave_bytes: int) -> Path:
+    """Writes a filler file until `directory`'s file system has about `leave_bytes` free."""
+    filler = directory / "filler"
+    with open(filler, "wb") as out:
+        out.write(bytes(max(shutil.disk_usage(directory).free - leave_bytes, 0)))
+    return filler
+
+
+def test_real_full_disk_on_a_tmpfs_stops_with_one_line_and_the_run_resumes_once_space_is_freed(
+        tiny, small_tmpfs):
+    run = Path(shutil.copytree(tiny["run"], small_tmpfs / "run"))
+    checkpoint_size = sum(p.stat().st_size for p in (run / "checkpoints").glob("ckpt-10.*"))
+    filler = fill_disk(small_tmpfs, checkpoint_size // 2)  # room for half a checkpoint
+    before = hashes(run / "checkpoints")
+    config = dataclasses.replace(tiny["config"], steps=20)
+    with pytest.raises(Exception) as caught:
+        train.train(config, run, strategy=tf.distribute.get_strategy(), feature_set=tiny["feature_set"])
+    message = str(caught.value)
+    assert isinstance(caught.value, TrainingError), f"{type(caught.value).__name__}: {message}"
+    assert "\n" not in message and "No space left on device" in message, message
+    after = hashes(run / "checkpoints")
+    assert {k: after.get(k) for k in before if k != "checkpoint"} == {k: v for k, v in before.items()
+                                                                       if k != "checkpoint"}
+    filler.unlink()
+    train.train(config, run, strategy=tf.distribute.get_strategy(), feature_set=tiny["feature_set"])
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-20")
+    assert not list((run / "checkpoints").glob("*_temp*"))
 
 
 def test_full_disk_while_writing_metrics_is_one_line_and_keeps_the_old_metrics(run_copy, tiny, monkeypatch):
@@ -340,3 +385,14 @@ def test_multi_hot_feature_sets_of_different_widths_are_a_data_error():
     from tbhvae.data import validate
     with pytest.raises(DataError, match=r"train_labels \(8, 3\) and test_labels \(4, 5\) use different label"):
         validate(feature_set)
+
+
+def test_first_line_drops_tf_tags_and_keeps_the_reason_at_the_end_of_a_long_line():
+    from tbhvae.checks import first_line
+    path = "/mnt/run/checkpoints/ckpt-15_temp/" + "x" * 300
+    err = tf.errors.ResourceExhaustedError(None, None, "{{function_node __wrapped__SaveV2_dtypes_57}} "
+                                           f"{path}; No space left on device\n\t [[{{{{node SaveV2}}}}]]")
+    line = first_line(err, limit=200)
+    assert "{{" not in line and line.startswith("/mnt/run/checkpoints") and line.endswith("No space left on device")
+    assert " ... " in line and len(line) <= 205
+    assert first_line(ValueError("")) == "ValueError" and first_line(ValueError("short")) == "short"
