@@ -109,6 +109,12 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     return Path(path)
 
 
+def tf_message_lines(message: str) -> list[str]:
+    """The non-empty lines of an error message, stripped, TF's {{function_node ...}} / {{node ...}} tags dropped."""
+    text = re.sub(r"\{\{[^}]*\}\}", "", message)
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def first_line(err: BaseException, limit: int | None = None) -> str:
     """The first non-empty line of an exception's message, else its type name (for one-line errors).
 
@@ -116,8 +122,7 @@ def first_line(err: BaseException, limit: int | None = None) -> str:
     characters, " ... " marking a cut in the middle, so that the end of the line, where the
     operating system's reason stands ("...: No space left on device"), is kept.
     """
-    text = re.sub(r"\{\{[^}]*\}\}", "", str(err))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = tf_message_lines(str(err))
     line = lines[0] if lines else type(err).__name__
     if limit is None or len(line) <= limit:
         return line

@@ -39,10 +39,7 @@ class RetrievalError(ValueError):
 # ------------------------------------------------------------------ images
 def jpeg_rows(path: str | Path, split: str, rows) -> list[bytes]:
     """The encoded images `rows` of `split` in a JPEG .npz (layout of cifar10_jpeg.npz)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RetrievalError(f"{path}: JPEG .npz not found; pass --images with e.g. ../shared/data/cifar10_jpeg.npz")
-    with np.load(path, allow_pickle=False) as data:
+    with _open_jpeg_npz(path) as data:
         keys = (f"{split}_bytes", f"{split}_offsets")
         if any(k not in data.files for k in keys):
             raise RetrievalError(f"{path}: missing {' or '.join(keys)}; expected the layout of cifar10_jpeg.npz")
@@ -57,14 +54,20 @@ def jpeg_rows(path: str | Path, split: str, rows) -> list[bytes]:
 
 def image_count(path: str | Path, split: str) -> int:
     """Number of images of `split` in a JPEG .npz; RetrievalError when it is missing or not one."""
-    if not Path(path).is_file():
+    with _open_jpeg_npz(path) as data:
+        key = f"{split}_offsets"
+        if key not in data.files:
+            raise RetrievalError(f"{path}: missing {key}; expected the layout of cifar10_jpeg.npz")
+        return len(data[key]) - 1
+
+
+def _open_jpeg_npz(path: str | Path):
+    """The opened .npz at `path` (use as a context manager); RetrievalError when it is missing or not an .npz."""
+    path = Path(path)
+    if not path.is_file():
         raise RetrievalError(f"{path}: JPEG .npz not found; pass --images with e.g. ../shared/data/cifar10_jpeg.npz")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            key = f"{split}_offsets"
-            if key not in data.files:
-                raise RetrievalError(f"{path}: missing {key}; expected the layout of cifar10_jpeg.npz")
-            return len(data[key]) - 1
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise RetrievalError(f"{path}: not a JPEG .npz ({err})") from None
 

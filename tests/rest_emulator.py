@@ -8,10 +8,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 
 import numpy as np
 import tensorflow as tf
+
+from tbhvae.checks import tf_message_lines
 
 
 class RestError(ValueError):
@@ -81,9 +82,8 @@ def _problem_line(message: str) -> str:
     failing node; the op's message (e.g. "Unknown image file format ...") comes last, after
     {{function_node ...}} tags and before the [[node ...]] line.
     """
-    lines = [re.sub(r"\{\{[^}]*\}\}", "", line).strip() for line in message.splitlines()]
-    lines = [line for line in lines if line and not line.startswith(("Graph execution error", "Detected at node",
-                                                                     "File ", "[["))]
+    lines = [line for line in tf_message_lines(message)
+             if not line.startswith(("Graph execution error", "Detected at node", "File ", "[["))]
     return next((line for line in lines if "compatible" in line or "expected" in line),
                 lines[-1] if lines else "the signature rejected the input")
 

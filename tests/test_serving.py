@@ -348,11 +348,16 @@ def test_export_parity_on_synthetic_features_with_input_scaling(scaled_run, tmp_
 
 
 # ------------------------------------------------------------------ image signatures
+def random_backbone(run):
+    """A random-weight mobilenet_v2 at 32 px, as if `run` had been trained on its own images."""
+    own_features = dataclasses.replace(run, config=run.config.replace(
+        features="", backbone="mobilenet_v2", backbone_weights="none"))
+    return export.run_backbone(own_features, input_size=32)
+
+
 def test_image_signatures_run_the_backbone(synthetic_run, tmp_path):
     assert export.run_backbone(synthetic_run) is None  # trained on a feature file: features only
-    own_features = dataclasses.replace(synthetic_run, config=synthetic_run.config.replace(
-        features="", backbone="mobilenet_v2", backbone_weights="none"))
-    backbone = export.run_backbone(own_features, input_size=32)
+    backbone = random_backbone(synthetic_run)
     assert backbone.name == "mobilenet_v2" and backbone.input_size == 32
     path = export.export_saved_model(synthetic_run, tmp_path, "img", backbone, serving_default="images")
     loaded = tf.saved_model.load(str(path))
@@ -378,9 +383,7 @@ def test_image_signatures_run_the_backbone(synthetic_run, tmp_path):
 
 
 def test_image_tflite_variants_hold_the_backbone_and_match_the_feature_path(synthetic_run, tmp_path):
-    own_features = dataclasses.replace(synthetic_run, config=synthetic_run.config.replace(
-        features="", backbone="mobilenet_v2", backbone_weights="none"))
-    backbone = export.run_backbone(own_features, input_size=32)
+    backbone = random_backbone(synthetic_run)
     path = export.export_saved_model(synthetic_run, tmp_path / "saved", "img", backbone)
     pixels = np.random.default_rng(1).integers(0, 256, (12, 40, 52, 3), dtype=np.uint8)
     jpegs = [tf.io.encode_jpeg(image, quality=95).numpy() for image in pixels]
@@ -460,9 +463,7 @@ def test_rest_rejects_bad_requests(exported, body, message):
 @pytest.fixture(scope="module")
 def image_export(synthetic_run, tmp_path_factory):
     """A loaded SavedModel of the synthetic run with the (random-weight) mobilenet_v2 image signatures."""
-    own_features = dataclasses.replace(synthetic_run, config=synthetic_run.config.replace(
-        features="", backbone="mobilenet_v2", backbone_weights="none"))
-    backbone = export.run_backbone(own_features, input_size=32)
+    backbone = random_backbone(synthetic_run)
     path = export.export_saved_model(synthetic_run, tmp_path_factory.mktemp("images"), "img", backbone)
     return tf.saved_model.load(str(path))
 

@@ -120,9 +120,10 @@ def write_tflite(run, path, representative, test, feature_set, calibration_image
     return files, report, version.final
 
 
-def check_images_flag(run, backbone, image_count) -> None:
+def check_images_flag(run, backbone) -> None:
     """--images is used only with --tflite_dir and image signatures, and must be a JPEG .npz: else ExportError."""
     from tbhvae.export import ExportError
+    from tbhvae.retrieval import image_count
 
     if not FLAGS.tflite_dir:
         raise ExportError("--images feeds the image TFLite variants and their parity report: pass --tflite_dir too")
@@ -140,7 +141,7 @@ def main(argv):
     start_tensorflow()
     from tbhvae import export  # after flag parsing: --help stays fast
     from tbhvae.checks import check_writable
-    from tbhvae.retrieval import RetrievalError, image_count
+    from tbhvae.retrieval import RetrievalError
 
     try:  # both outputs before any work: a TFLite dir that fails must not leave a SavedModel behind
         check_writable(FLAGS.out, "--out", export.ExportError, directory=True)
@@ -150,7 +151,7 @@ def main(argv):
         backbone = export.run_backbone(run, FLAGS.backbone, FLAGS.backbone_weights, FLAGS.backbone_input_size,
                                        FLAGS.allow_backbone_mismatch)
         if FLAGS.images:
-            check_images_flag(run, backbone, image_count)
+            check_images_flag(run, backbone)
         feature_set = parity_features(run, FLAGS.features) if FLAGS.tflite_dir else None
         path = export.export_saved_model(run, FLAGS.out, FLAGS.name, backbone, FLAGS.serving_default,
                                          FLAGS.serving_root)

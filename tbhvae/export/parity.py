@@ -62,7 +62,7 @@ def image_parity_report(reference: KerasEncoder, features: np.ndarray, jpegs: li
     their encoded images `jpegs` [N].
 
     saved_model: a SavedModelEncoder with encode_jpeg (row "saved_model_jpeg"); lite: name ->
-    LiteEncoder of an images_*.tflite, fed the decoded pixels uint8 [N, H, W, 3] (one size).
+    LiteEncoder of an images_*.tflite, fed the decoded pixels uint8 [H_i, W_i, 3], one batch per size.
     Same rows and units as `parity_report`; latency_ms is per image, batch of 1, from pixels.
     """
     from tbhvae.data.images import decode_rgb_list
