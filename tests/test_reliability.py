@@ -5,6 +5,7 @@ synthetic examples with tiny dimensions and compare every resumed run with
 one that was never interrupted.
 """
 import json
+import os
 import re
 import shutil
 import signal
@@ -216,6 +217,70 @@ def test_sigterm_checkpoints_exits_nonzero_and_rerun_finishes(tmp_path, feature_
     assert result.returncode == 0, result.stderr[-3000:]
     assert first_logged_step_per_session(model_dir)[-1] == stopped_at + TINY["log_every"]
     assert_same_as_reference(model_dir, reference)
+
+
+# Kills of the soak test: seeded, each at a random point of a phase still ahead of the run.
+SOAK_KILLS = int(os.environ.get("TBHVAE_SOAK_KILLS", "5"))  # more for a longer soak, e.g. 30
+SOAK_SEED = int(os.environ.get("TBHVAE_SOAK_SEED", "0"))
+# Longest delay (s) from the start of the phase to the kill: about the phase's length on 2 busy cores
+# ("train": for all STEPS steps), short of the process's exit; a kill after the phase is a point too.
+KILL_DELAY = {"train": 3.0, "save": 0.08, "periodic_evaluation": 0.3, "final_evaluation": 0.4}
+
+
+def soak_plan(rng: np.random.Generator, step: int, kills_left: int, used: dict) -> dict:
+    """A kill point in what a run resumed at `step` has still to do: the least used of the training
+    phases ahead, ties broken at random; the last two kills (or all, once training is done) go to
+    the final evaluation."""
+    ahead = {"train": int(step < STEPS), "save": (STEPS - step) // TINY["checkpoint_every"],
+             "periodic_evaluation": sum(s % TINY["eval_every"] == 0 for s in range(step + 1, STEPS))}
+    phases = [phase for phase, count in ahead.items() if count] if kills_left > 2 else []
+    if phases:
+        fewest = min(used.get(phase, 0) for phase in phases)
+        phase = str(rng.choice([phase for phase in phases if used.get(phase, 0) == fewest]))
+    else:
+        phase = "final_evaluation"
+    longest = KILL_DELAY[phase] * ((STEPS - step) / STEPS if phase == "train" else 1)
+    return {"phase": phase, "occurrence": int(rng.integers(1, ahead.get(phase, 1) + 1)),
+            "delay": round(float(rng.uniform(0, longest)), 4)}
+
+
+def save_debris(model_dir) -> list[str]:
+    """What an interrupted save left: shard directories and temporary state files."""
+    checkpoints = model_dir / "checkpoints"
+    return sorted(p.name for p in [*checkpoints.glob("*_temp"), *checkpoints.glob("checkpoint.tmp*")])
+
+
+def test_soak_random_kills_during_steps_saves_and_evaluations_end_as_an_uninterrupted_run(
+        tmp_path, feature_file, reference, capsys):
+    model_dir = tmp_path / "run"
+    command = [sys.executable, str(Path(__file__).with_name("kill_point.py")), *train_command(feature_file,
+                                                                                              model_dir)[2:]]
+    rng = np.random.default_rng(SOAK_SEED)
+    kills, step, used = [], 0, {}
+    for k in range(SOAK_KILLS):
+        plan = soak_plan(rng, step, SOAK_KILLS - k, used)
+        used[plan["phase"]] = used.get(plan["phase"], 0) + 1
+        result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "TBHVAE_KILL_POINT": json.dumps(plan)})
+        assert result.returncode in (0, -signal.SIGKILL), result.stderr[-3000:]
+        resumed_at = checkpoint_step(model_dir)
+        assert resumed_at >= step, f"the run went back from step {step} to {resumed_at} after {plan}"
+        kills.append({**plan, "killed": result.returncode != 0, "checkpoint": resumed_at,
+                      "debris": save_debris(model_dir), "metrics": (model_dir / "metrics.json").exists()})
+        step = resumed_at
+        if result.returncode == 0:  # the phase ended before the timer: nothing left to kill
+            break
+    result = run_cli(train_command(feature_file, model_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_as_reference(model_dir, reference)
+    assert not save_debris(model_dir)
+    assert len(list((model_dir / "checkpoints").glob("ckpt-*.index"))) <= Config().checkpoints_to_keep
+    with capsys.disabled():  # the record of the soak, shown with -s
+        print(f"\nsoak seed {SOAK_SEED}: {sum(k['killed'] for k in kills)} kills, then an uninterrupted run "
+              f"matched the reference")
+        for kill in kills:
+            print(f"  {kill}")
+    assert [k["killed"] for k in kills] == [True] * SOAK_KILLS, f"a run ended before its kill (KILL_DELAY): {kills}"
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path, ten_step_run):
