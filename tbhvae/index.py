@@ -390,9 +390,9 @@ class HammingIndex:
             raise FileNotFoundError(f"{path}: no such index file "
                                     "(write one with HammingIndex.save)")
         try:
+            if not zipfile.is_zipfile(path):  # else np.load's complaint about pickled data misleads
+                raise ValueError("not an .npz archive")
             archive = np.load(path, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError("a single .npy array, not an .npz archive")
             with archive:
                 contents = {name: archive[name] for name in archive.files}
         except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:

@@ -67,6 +67,8 @@ def _open_jpeg_npz(path: str | Path):
     if not path.is_file():
         raise RetrievalError(f"{path}: JPEG .npz not found; pass --images with e.g. ../shared/data/cifar10_jpeg.npz")
     try:
+        if not zipfile.is_zipfile(path):  # else np.load's complaint about pickled data misleads
+            raise ValueError("not an .npz archive")
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise RetrievalError(f"{path}: not a JPEG .npz ({err})") from None

@@ -4,7 +4,8 @@ One row per case: the exit code 2 of a command (one `error:` line) or the except
 a library call, a message naming the problem, and where nothing should change, the
 run / export / index directory byte-identical afterwards (a hash of every file).
 A full disk is simulated by making the writer raise what it raises then (OSError ENOSPC,
-or TF's ResourceExhaustedError): a real small tmpfs needs root mount rights the CI lacks.
+or TF's ResourceExhaustedError), and is real on a 4 MiB tmpfs where mount is allowed (root).
+The command-line table (MISUSE) is the new user's misuse of every command, each row one line.
 """
 import dataclasses
 import errno
@@ -338,15 +339,31 @@ def test_full_disk_while_saving_the_index_is_one_error(tiny, tmp_path, monkeypat
     assert not (tmp_path / "train.index.npz").exists()
 
 
-def test_baselines_json_is_checked_before_fitting(tiny, tmp_path):
+@pytest.mark.parametrize("where, message", [
+    ("file/out.json", r"--json \S+file/out\.json: \S+file is a file, not a directory"),
+    ("directory", r"--json \S+directory: is a directory; pass a file path"),
+])
+def test_baselines_json_is_checked_before_fitting(tiny, tmp_path, where, message):
     (tmp_path / "file").write_text("x")
+    (tmp_path / "directory").mkdir()
     command = [sys.executable, "-m", "tbhvae.cli.baselines", "--features", str(tiny["features"]),
-               "--bits", "8", "--methods", "lsh", "--json", str(tmp_path / "file" / "out.json")]
+               "--bits", "8", "--methods", "lsh", "--json", str(tmp_path / where)]
     result = run_cli(command, timeout=120)
     assert result.returncode == 2
-    assert re.search(r"--json .*out\.json: cannot write there", error_line(result.stderr))
+    assert re.search(message, error_line(result.stderr))
     assert "lsh 8 bits" not in result.stderr  # nothing was fitted
     assert hashes(tmp_path) == {"file": hashlib.sha256(b"x").hexdigest()}
+
+
+def test_baselines_refuse_every_code_length_a_method_cannot_fit_before_fitting(tiny, tmp_path):
+    dim = load_features(tiny["features"]).dim
+    command = [sys.executable, "-m", "tbhvae.cli.baselines", "--features", str(tiny["features"]),
+               "--bits", f"8,{dim + 1},{dim + 2}", "--methods", "lsh,pcah,itq", "--json", str(tmp_path / "o.json")]
+    result = run_cli(command, timeout=120)
+    assert result.returncode == 2
+    line = error_line(result.stderr)
+    assert line.count("supports at most") == 4 and "PCAH" in line and "ITQ" in line, line
+    assert "bits: mAP@1000" not in result.stderr and not (tmp_path / "o.json").exists()  # nothing was fitted
 
 
 # ------------------------------------------------------------------ evaluation arguments
@@ -396,3 +413,91 @@ def test_first_line_drops_tf_tags_and_keeps_the_reason_at_the_end_of_a_long_line
     assert "{{" not in line and line.startswith("/mnt/run/checkpoints") and line.endswith("No space left on device")
     assert " ... " in line and len(line) <= 205
     assert first_line(ValueError("")) == "ValueError" and first_line(ValueError("short")) == "short"
+
+
+# ------------------------------------------------------------------ the command lines, as a new user misuses them
+# command, arguments ({features} {run} {config} are filled in), the one error line expected. Each
+# fails before TensorFlow starts and writes nothing, so a row costs about half a second.
+MISUSE = {
+    "train_bits_not_a_number": ("train", "--bits abc", r"flag --bits=abc: invalid literal"),
+    "train_bits_negative": ("train", "--bits -4", r"config key 'bits' must be > 0, got -4"),
+    "train_steps_zero": ("train", "--steps 0", r"config key 'steps' must be > 0, got 0"),
+    "train_positional_argument": ("train", "extra", r"unexpected arguments extra; use --flag=value"),
+    "train_unknown_flag": ("train", "--bitz 3", r"Unknown command line flag 'bitz'. Did you mean: bits"),
+    "train_set_without_value": ("train", "--set bits", r"override 'bits': expected key=value"),
+    "train_set_without_key": ("train", "--set =3", r"override '=3': unknown config key ''"),
+    "train_set_two_values": ("train", "--set bits=8=9", r"override 'bits=8=9': expected a value of type int"),
+    "train_set_bad_boolean": ("train", "--set tc_hinge=maybe", r"'tc_hinge=maybe': expected a boolean"),
+    "train_set_negative_rate": ("train", "--set learning_rate=-1", r"'learning_rate' must be > 0, got -1.0"),
+    "train_set_unknown_choice": ("train", "--set mixed_precision=fp8",
+                                 r"'mixed_precision' must be one of float32, mixed_float16, mixed_bfloat16"),
+    "train_set_zero_queries": ("train", "--set eval_queries=0", r"'eval_queries' must be > 0, got 0"),
+    "train_set_anchors_below_neighbours": ("train", "--set anchors=1",
+                                           r"'nearest_anchors' must be <= anchors \(1\), got 2"),
+    "train_config_missing": ("train", "--config /nonexistent/c.py",
+                             r"config file /nonexistent/c.py not found; give a path or the name of a shipped"),
+    "train_config_syntax_error": ("train", "--config {config}/syntax.py", r"syntax.py: SyntaxError"),
+    "train_config_returns_int": ("train", "--config {config}/five.py", r"get_config\(\) returned int, not Config"),
+    "train_config_without_get_config": ("train", "--config {config}/empty.py",
+                                        r"a config file must define get_config\(\) -> tbhvae.config.Config"),
+    "train_features_missing": ("train", "--features /nonexistent.npz", r"/nonexistent.npz: feature file not found"),
+    "train_features_a_directory": ("train", "--features {config}", r"is a directory, not a feature file"),
+    "train_features_not_npz": ("train", "--features {config}/five.py", r"five.py: not a readable .npz file"),
+    "train_unknown_strategy": ("train", "--strategy nonsense", r"flag --strategy=nonsense: value should be one of"),
+    "train_model_dir_a_file": ("train", "--model_dir {config}/five.py", r"five.py is a file; pass a directory"),
+    "export_run_missing": ("export", "--model_dir /nonexistent --out {config}/o", r"/nonexistent: no such directory"),
+    "export_not_a_run": ("export", "--model_dir {config} --out {config}/o", r"not a training run \(no config.json\)"),
+    "export_without_run": ("export", "--out {config}/o", r"Flag --model_dir must have a value"),
+    "export_out_a_file": ("export", "--model_dir {run} --out {config}/five.py", r"--out \S+five.py: is a file"),
+    "export_negative_parity_rows": ("export", "--model_dir {run} --out {config}/o --parity_examples -1",
+                                    r"flag --parity_examples=-1: -1 is not a non-negative integer"),
+    "export_name_with_a_slash": ("export", "--model_dir {run} --out {config}/o --name a/b",
+                                 r"--name 'a/b': must be a plain directory name"),
+    "export_unknown_signature": ("export", "--model_dir {run} --out {config}/o --serving_default pixels",
+                                 r"flag --serving_default=pixels: value should be one of <features\|images>"),
+    "baselines_zero_bits": ("baselines", "--features {features} --bits 0 --json {config}/o.json",
+                            r"--bits: expected comma-separated positive integers, got '0'"),
+    "baselines_bits_not_a_number": ("baselines", "--features {features} --bits 8,x --json {config}/o.json",
+                                    r"got '8,x'"),
+    "baselines_unknown_method": ("baselines", "--features {features} --methods itq,foo --json {config}/o.json",
+                                 r"methods: unknown foo; choose from lsh,"),
+    "baselines_features_missing": ("baselines", "--features /nonexistent.npz --json {config}/o.json",
+                                   r"feature file not found"),
+    "retrieval_unknown_command": ("retrieval", "frobnicate --encoder {run} --index {config}/i.npz",
+                                  r"usage: python -m tbhvae.cli.retrieval build\|query .*\(got 'frobnicate'\)"),
+    "retrieval_no_command": ("retrieval", "", r"usage: .*\(no command given\)"),
+    "retrieval_without_index": ("retrieval", "query --encoder {run}", r"query needs --index"),
+    "retrieval_figure_without_images": ("retrieval", "query --encoder {run} --index i.npz --figure f.png",
+                                        r"--figure/--logdir need --images"),
+    "retrieval_zero_k": ("retrieval", "query --encoder {run} --index i.npz --k 0", r"flag --k=0: 0 is not a positive"),
+    "serve_port_out_of_range": ("serve", "--encoder {run} --index i.npz --port 99999",
+                                r"flag --port=99999: 99999 is not an integer in the range \[1, 65535\]"),
+}
+
+
+@pytest.fixture(scope="module")
+def misuse_files(tmp_path_factory):
+    """A folder of wrong things: a config with a syntax error, one returning 5, one without get_config."""
+    folder = tmp_path_factory.mktemp("misuse")
+    (folder / "syntax.py").write_text("def get_config(:\n")
+    (folder / "five.py").write_text("def get_config():\n    return 5\n")
+    (folder / "empty.py").write_text("x = 1\n")
+    return folder
+
+
+@pytest.mark.parametrize("case", MISUSE)
+def test_command_line_misuse_is_one_line_naming_the_problem_and_writes_nothing(case, tiny, misuse_files, tmp_path):
+    command, arguments, expected = MISUSE[case]
+    arguments = arguments.format(features=tiny["features"], run=tiny["run"], config=misuse_files).split()
+    if command == "train":  # a valid command but for the misuse
+        defaults = {"--config": "cifar10_tbhvae", "--features": str(tiny["features"]),
+                    "--model_dir": str(tmp_path / "run")}
+        arguments += [arg for flag, value in defaults.items() if flag not in arguments for arg in (flag, value)]
+    before = {folder: hashes(folder) for folder in (misuse_files, tiny["run"], tmp_path)}
+    result = subprocess.run([sys.executable, "-m", f"tbhvae.cli.{command}", *arguments], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = error_line(result.stderr)
+    assert re.search(expected, line), line
+    assert {folder: hashes(folder) for folder in before} == before

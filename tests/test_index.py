@@ -254,7 +254,7 @@ def test_load_reports_missing_corrupt_and_foreign_files(tmp_path):
     np.savez(foreign, codes=np.zeros((3, 8)))
     single_array = tmp_path / "array.npy"
     np.save(single_array, np.zeros(3))
-    for path, message in [(truncated, "corrupt"), (garbage, "corrupt"),
+    for path, message in [(truncated, "corrupt"), (garbage, r"corrupt index file \(not an .npz archive\)"),
                           (foreign, "not a tbhvae Hamming index"), (single_array, "corrupt")]:
         with pytest.raises(ValueError, match=message) as error:
             HammingIndex.load(path)

@@ -68,6 +68,15 @@ def run_baselines(feature_set: FeatureSet, bits_list, methods, seed: int = 0,
     if not bits_list:
         raise ValueError("bits_list: give at least one code length")
     bits_list = [_check_bits_count(bits) for bits in bits_list]
+    misfits = []  # all of them, before the first fit: an hour of fitting must not end in this error
+    for method in methods:
+        for bits in bits_list:
+            try:
+                BASELINES[method](bits, seed=seed).check_fits(*feature_set.train_features.shape)
+            except ValueError as err:
+                misfits.append(str(err))
+    if misfits:
+        raise ValueError("; ".join(misfits))
     query_rows = select_queries(feature_set.test_labels, queries)
     query_features = feature_set.test_features[query_rows]
     query_labels = feature_set.test_labels[query_rows]

@@ -68,16 +68,19 @@ class HashingBaseline:
     def _max_bits(self, num_train: int, dim: int) -> int | None:
         return None
 
+    def check_fits(self, num_train: int, dim: int) -> None:
+        """ValueError unless this method can fit `bits` on num_train x dim features (checked before any work)."""
+        limit = self._max_bits(num_train, dim)
+        if limit is not None and self.bits > limit:
+            raise ValueError(f"{type(self).__name__} supports at most {limit} bits on {num_train} x {dim} "
+                             f"features, got bits={self.bits}")
+
     def fit(self, train_features) -> HashingBaseline:
         """Fits on `train_features` float [N, D], N >= 2; returns self."""
         train = check_features(train_features, "train_features")
         if train.shape[0] < 2:
             raise ValueError(f"train_features: need at least 2 rows to fit, got {train.shape[0]}")
-        limit = self._max_bits(*train.shape)
-        if limit is not None and self.bits > limit:
-            raise ValueError(
-                f"{type(self).__name__} supports at most {limit} bits on {train.shape[0]} x "
-                f"{train.shape[1]} features, got bits={self.bits}")
+        self.check_fits(*train.shape)
         self._fit(train)
         self._dim = train.shape[1]
         return self

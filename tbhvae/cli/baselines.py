@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import flags
 
 from tbhvae.baselines import BASELINES, markdown_table, run_baselines
-from tbhvae.checks import atomic_write
+from tbhvae.checks import atomic_write, check_writable
 from tbhvae.cli import expect_no_arguments, fail, run_main
 from tbhvae.data import DataError, load_features
 from tbhvae.protocol import QUERY_SETS
@@ -58,13 +58,10 @@ def _print_progress(method: str, bits: int, metrics: dict) -> None:
 def main(argv) -> None:
     expect_no_arguments(argv)
     bits_list = _parse_bits(FLAGS.bits)
-    out = Path(FLAGS.json)
     try:  # before the work: an unwritable --json must not cost an hour of fitting
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_name(out.name + ".probe").touch()
-        out.with_name(out.name + ".probe").unlink()
-    except OSError as err:
-        fail(f"--json {out}: cannot write there ({err.strerror or err})")
+        out = check_writable(FLAGS.json, "--json")
+    except ValueError as err:
+        fail(str(err))
     try:
         feature_set = load_features(FLAGS.features)
         results = run_baselines(feature_set, bits_list, FLAGS.methods, seed=FLAGS.seed,
@@ -78,6 +75,7 @@ def main(argv) -> None:
     for per_bits in results.values():
         for metrics in per_bits.values():
             metrics.update(provenance)
+    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
 

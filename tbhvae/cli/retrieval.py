@@ -27,8 +27,8 @@ COMMANDS = ("build", "query")
 
 def define_flags() -> None:
     """Defines the flags (called by `run`, so that importing this module defines none)."""
-    flags.DEFINE_string("encoder", None, "Exported SavedModel dir, .tflite file or training run dir.", required=True)
-    flags.DEFINE_string("index", None, "Index file (.npz) to write (build) or read (query).", required=True)
+    flags.DEFINE_string("encoder", None, "Exported SavedModel dir, .tflite file or training run dir (required).")
+    flags.DEFINE_string("index", None, "Index file (.npz) to write (build) or read (query) (required).")
     flags.DEFINE_string("features", None, "Feature .npz: train split = database, test split = queries.")
     flags.DEFINE_string("images", None, "JPEG .npz aligned with the features (cifar10_jpeg.npz): images for the "
                         "figure, or what to encode when --features is not given.")
@@ -46,9 +46,15 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        fail("usage: python -m tbhvae.cli.retrieval build|query --encoder E --index I [--features F] ...; "
-             "see --help")
+    if len(argv) != 2 or argv[1] not in COMMANDS:  # the command first: "frobnicate" is not a missing flag
+        given = f"got {' '.join(argv[1:])!r}" if len(argv) > 1 else "no command given"
+        fail(f"usage: python -m tbhvae.cli.retrieval build|query --encoder E --index I [--features F] ... "
+             f"({given}); see --help")
+    missing = [f"--{name}" for name in ("encoder", "index") if not getattr(FLAGS, name)]
+    if missing:
+        fail(f"{argv[1]} needs {' and '.join(missing)}; see --help")
+    if argv[1] == "query" and (FLAGS.figure or FLAGS.logdir) and not FLAGS.images:  # before the search
+        fail("--figure/--logdir need --images (a JPEG .npz aligned with the features)")
     start_tensorflow()
     from tbhvae import retrieval  # after flag parsing: --help stays fast
     from tbhvae.export import ExportError
@@ -60,8 +66,6 @@ def main(argv) -> None:
         retrieval.query(FLAGS.encoder, FLAGS.features, FLAGS.images, FLAGS.index, FLAGS.k, FLAGS.queries,
                         FLAGS.results, FLAGS.show, FLAGS.map)
         if FLAGS.figure or FLAGS.logdir:
-            if not FLAGS.images:
-                fail("--figure/--logdir need --images (a JPEG .npz aligned with the features)")
             retrieval.draw(FLAGS.encoder, FLAGS.features, FLAGS.images, FLAGS.index,
                            FLAGS.figure or str(Path(FLAGS.logdir) / "retrieval.png"), FLAGS.figure_rows,
                            FLAGS.k, FLAGS.figure_cell, FLAGS.seed, FLAGS.logdir)

@@ -134,6 +134,8 @@ def _check_member_sizes(path: Path) -> None:
 def load_features(path: str | os.PathLike) -> FeatureSet:
     """Loads and validates a feature `.npz` (format in the module docstring)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a feature file; pass --features with the .npz itself")
     if not path.is_file():
         raise DataError(f"{path}: feature file not found; pass --features with an existing .npz "
                         f"(see README 'Your own features')")
