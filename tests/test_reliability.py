@@ -275,7 +275,7 @@ def test_soak_random_kills_during_steps_saves_and_evaluations_end_as_an_uninterr
     assert_same_as_reference(model_dir, reference)
     assert not save_debris(model_dir)
     assert len(list((model_dir / "checkpoints").glob("ckpt-*.index"))) <= Config().checkpoints_to_keep
-    with capsys.disabled():  # the record of the soak, shown with -s
+    with capsys.disabled():  # the record of the soak, printed even without -s
         print(f"\nsoak seed {SOAK_SEED}: {sum(k['killed'] for k in kills)} kills, then an uninterrupted run "
               f"matched the reference")
         for kill in kills:
