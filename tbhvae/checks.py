@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,17 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
         else:
             tmp.write_text(data)
     return Path(path)
+
+
+def open_npz(path: str | os.PathLike):
+    """np.load of the .npz archive at `path`, pickles refused (use as a context manager).
+
+    ValueError "not an .npz archive" for any other file: np.load would otherwise take it for a
+    pickle and answer with a misleading hint about allow_pickle.
+    """
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not an .npz archive")
+    return np.load(path, allow_pickle=False)
 
 
 def tf_message_lines(message: str) -> list[str]:

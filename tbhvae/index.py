@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tbhvae import search
-from tbhvae.checks import atomic_path, check_count, check_labels
+from tbhvae.checks import atomic_path, check_count, check_labels, open_npz
 from tbhvae.codes import check_bits, database_words, num_bytes, to_words, unpack_codes
 
 FORMAT_NAME = "tbhvae.hamming_index"
@@ -390,10 +390,7 @@ class HammingIndex:
             raise FileNotFoundError(f"{path}: no such index file "
                                     "(write one with HammingIndex.save)")
         try:
-            if not zipfile.is_zipfile(path):  # else np.load's complaint about pickled data misleads
-                raise ValueError("not an .npz archive")
-            archive = np.load(path, allow_pickle=False)
-            with archive:
+            with open_npz(path) as archive:
                 contents = {name: archive[name] for name in archive.files}
         except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as error:
             raise ValueError(f"{path}: unreadable or corrupt index file ({error})") from error

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tbhvae import protocol
-from tbhvae.checks import atomic_path, atomic_write, check_writable
+from tbhvae.checks import atomic_path, atomic_write, check_writable, open_npz
 from tbhvae.index import EncoderProbe
 
 FRAME_QUERY = (90, 90, 90)
@@ -67,9 +67,7 @@ def _open_jpeg_npz(path: str | Path):
     if not path.is_file():
         raise RetrievalError(f"{path}: JPEG .npz not found; pass --images with e.g. ../shared/data/cifar10_jpeg.npz")
     try:
-        if not zipfile.is_zipfile(path):  # else np.load's complaint about pickled data misleads
-            raise ValueError("not an .npz archive")
-        return np.load(path, allow_pickle=False)
+        return open_npz(path)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise RetrievalError(f"{path}: not a JPEG .npz ({err})") from None
 

@@ -417,7 +417,7 @@ def test_first_line_drops_tf_tags_and_keeps_the_reason_at_the_end_of_a_long_line
 
 # ------------------------------------------------------------------ the command lines, as a new user misuses them
 # command, arguments ({features} {run} {config} are filled in), the one error line expected. Each
-# fails before TensorFlow starts and writes nothing, so a row costs about half a second.
+# fails before any work and writes nothing, so a row costs about a second (half without TensorFlow).
 MISUSE = {
     "train_bits_not_a_number": ("train", "--bits abc", r"flag --bits=abc: invalid literal"),
     "train_bits_negative": ("train", "--bits -4", r"config key 'bits' must be > 0, got -4"),
