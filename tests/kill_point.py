@@ -3,7 +3,8 @@
 Usage: `TBHVAE_KILL_POINT='{"phase": "save", "occurrence": 2, "delay": 0.004}' python tests/kill_point.py
 <train.py flags>`. When the `occurrence`-th call (1-based, counted in this process) of the
 phase's function begins, a timer sends SIGKILL `delay` seconds later, so that the kill lands
-inside the phase or just after it, at a point no hook chooses. Phases:
+inside the phase or after it, at a point no hook chooses. The kill always lands: a process that
+would end before its timer waits for it (and says so on stderr, `RETURNED_EARLY`). Phases:
 
 - "train": `TrainingMonitor.on_train_begin` (the kill lands among the training steps),
 - "save": `TrainingMonitor.save` (inside TensorFlow's checkpoint write, or around it),
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,25 +25,54 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tbhvae.cli.train as cli  # noqa: E402  (after the path: run from any directory)
 
 PHASES = ("train", "save", "periodic_evaluation", "final_evaluation")
+RETURNED_EARLY = "kill_point: the phase returned before its kill"
+_timers: list[threading.Timer] = []
 
 
-def _kill_later(delay: float) -> None:
+def _kill_later(delay: float) -> threading.Timer:
     timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL))
     timer.daemon = True
     timer.start()
+    _timers.append(timer)
+    return timer
 
 
-def _armed(function, occurrence: int, delay: float):
+def _report_a_pending_kill() -> None:
+    if any(timer.is_alive() for timer in _timers):
+        print(RETURNED_EARLY, file=sys.stderr, flush=True)
+
+
+def _armed(function, occurrence: int, delay: float, ends_the_phase: bool = True):
     calls = 0
 
     def wrapper(*args, **kwargs):
         nonlocal calls
         calls += 1
-        if calls == occurrence:
+        armed = calls == occurrence
+        if armed:
             _kill_later(delay)
-        return function(*args, **kwargs)
+        result = function(*args, **kwargs)
+        if armed and ends_the_phase:
+            _report_a_pending_kill()
+        return result
 
     return wrapper
+
+
+def _reporting(function):
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        _report_a_pending_kill()
+        return result
+
+    return wrapper
+
+
+def _wait_for_the_kill() -> None:
+    """Holds a process that is about to end until its armed kill has landed."""
+    for timer in _timers:
+        timer.join()
+        time.sleep(60)  # SIGKILL is on its way; never reached in practice
 
 
 def install(plan: dict) -> None:
@@ -51,11 +82,15 @@ def install(plan: dict) -> None:
     phase, occurrence, delay = plan["phase"], int(plan["occurrence"]), float(plan["delay"])
     if phase not in PHASES:
         raise SystemExit(f"kill_point: unknown phase {phase!r}; one of {', '.join(PHASES)}")
+    trainer = monitor.TrainingMonitor
     if phase == "final_evaluation":
         loop.final_evaluation = _armed(loop.final_evaluation, occurrence, delay)
+    elif phase == "train":  # the phase is every step, from on_train_begin to on_train_end
+        trainer.on_train_begin = _armed(trainer.on_train_begin, occurrence, delay, ends_the_phase=False)
+        trainer.on_train_end = _reporting(trainer.on_train_end)
     else:
-        name = {"train": "on_train_begin", "save": "save", "periodic_evaluation": "evaluate"}[phase]
-        setattr(monitor.TrainingMonitor, name, _armed(getattr(monitor.TrainingMonitor, name), occurrence, delay))
+        name = {"save": "save", "periodic_evaluation": "evaluate"}[phase]
+        setattr(trainer, name, _armed(getattr(trainer, name), occurrence, delay))
 
 
 def main() -> None:
@@ -69,7 +104,10 @@ def main() -> None:
 
         cli.start_tensorflow = start_then_arm
     sys.argv[0] = "train.py"
-    cli.run()
+    try:
+        cli.run()
+    finally:
+        _wait_for_the_kill()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO_ROOT, two_cpu_replicas
+from kill_point import RETURNED_EARLY
 from tbhvae import train
 from tbhvae.config import Config, ConfigError
 from tbhvae.data import DataError, FeatureSet, load_features, save_features
@@ -223,7 +224,8 @@ def test_sigterm_checkpoints_exits_nonzero_and_rerun_finishes(tmp_path, feature_
 SOAK_KILLS = int(os.environ.get("TBHVAE_SOAK_KILLS", "5"))  # more for a longer soak, e.g. 30
 SOAK_SEED = int(os.environ.get("TBHVAE_SOAK_SEED", "0"))
 # Longest delay (s) from the start of the phase to the kill: about the phase's length on 2 busy cores
-# ("train": for all STEPS steps), short of the process's exit; a kill after the phase is a point too.
+# ("train": for all STEPS steps). A kill that the phase outlasts lands after it, at the latest
+# just before the process would exit (kill_point holds it), which is a kill point too.
 KILL_DELAY = {"train": 3.0, "save": 0.08, "periodic_evaluation": 0.3, "final_evaluation": 0.4}
 
 
@@ -262,25 +264,22 @@ def test_soak_random_kills_during_steps_saves_and_evaluations_end_as_an_uninterr
         used[plan["phase"]] = used.get(plan["phase"], 0) + 1
         result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "TBHVAE_KILL_POINT": json.dumps(plan)})
-        assert result.returncode in (0, -signal.SIGKILL), result.stderr[-3000:]
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
         resumed_at = checkpoint_step(model_dir)
         assert resumed_at >= step, f"the run went back from step {step} to {resumed_at} after {plan}"
-        kills.append({**plan, "killed": result.returncode != 0, "checkpoint": resumed_at,
-                      "debris": save_debris(model_dir), "metrics": (model_dir / "metrics.json").exists()})
+        kills.append({**plan, "landed": "after the phase" if RETURNED_EARLY in result.stderr else "inside",
+                      "checkpoint": resumed_at, "debris": save_debris(model_dir),
+                      "metrics": (model_dir / "metrics.json").exists()})
         step = resumed_at
-        if result.returncode == 0:  # the phase ended before the timer: nothing left to kill
-            break
     result = run_cli(train_command(feature_file, model_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_as_reference(model_dir, reference)
     assert not save_debris(model_dir)
     assert len(list((model_dir / "checkpoints").glob("ckpt-*.index"))) <= Config().checkpoints_to_keep
     with capsys.disabled():  # the record of the soak, printed even without -s
-        print(f"\nsoak seed {SOAK_SEED}: {sum(k['killed'] for k in kills)} kills, then an uninterrupted run "
-              f"matched the reference")
+        print(f"\nsoak seed {SOAK_SEED}: {len(kills)} kills, then an uninterrupted run matched the reference")
         for kill in kills:
             print(f"  {kill}")
-    assert [k["killed"] for k in kills] == [True] * SOAK_KILLS, f"a run ended before its kill (KILL_DELAY): {kills}"
 
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_last_good_checkpoint(tmp_path, ten_step_run):
