@@ -271,6 +271,8 @@ def test_soak_random_kills_during_steps_saves_and_evaluations_end_as_an_uninterr
                       "checkpoint": resumed_at, "debris": save_debris(model_dir),
                       "metrics": (model_dir / "metrics.json").exists()})
         step = resumed_at
+        if kills[-1]["metrics"]:  # killed after writing metrics.json: the run is complete, nothing is left
+            break
     result = run_cli(train_command(feature_file, model_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_as_reference(model_dir, reference)
