@@ -41,6 +41,7 @@ class Config:
     cache_dir: str = "~/.cache/tbhvae"  # extracted feature cache
     input_scaling: Literal["none", "standardize", "l2"] = "none"  # none: as the reference code; l2: unit-norm rows
     # --- model --------------------------------------------------------------
+    model: Literal["twin_bottleneck", "greedyhash"] = "twin_bottleneck"  # family: TBH / TBH-VAE | GreedyHash
     bits: int = 32  # M, binary code length
     continuous_dim: int = 512  # size of the continuous bottleneck z
     hidden_dim: int = 1024  # encoder/decoder hidden width
@@ -71,6 +72,7 @@ class Config:
     similarity_scale: float = 2.0  # target = clip(scale * centred cosine, -1, 1)
     anchors: int = 300  # anchor-graph target: k-means anchors (AGH's default)
     nearest_anchors: int = 2  # anchor-graph target: anchors per row (AGH's default)
+    greedyhash_penalty_weight: float = 0.1  # GreedyHash: weight of mean |(|h| - 1)|^3 (0.1: the authors' code)
     decorrelation_weight: float = 0.0  # weight of the bits' batch decorrelation term on 2b - 1 (0 = off)
     geco_kappa: float = 0.0  # reconstruction tolerance (feature units, RMSE); 0 = calibrate
     geco_calibration_steps: int = 200  # steps of the warm-up that calibrates kappa
@@ -122,8 +124,8 @@ class Config:
                 raise ConfigError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
         if not 0 <= self.geco_alpha < 1:
             raise ConfigError(f"config key 'geco_alpha' must be in [0, 1), got {self.geco_alpha}")
-        for key in ("similarity_weight", "decorrelation_weight", "reconstruction_weight", "binary_kl_weight",
-                    "adversarial_weight", "tc_alpha", "tc_beta", "tc_gamma"):
+        for key in ("similarity_weight", "decorrelation_weight", "greedyhash_penalty_weight", "reconstruction_weight",
+                    "binary_kl_weight", "adversarial_weight", "tc_alpha", "tc_beta", "tc_gamma"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
         if self.nearest_anchors > self.anchors:

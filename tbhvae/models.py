@@ -18,6 +18,7 @@ import tensorflow as tf
 from tbhvae import bottlenecks, objectives
 from tbhvae import layers as tbh_layers
 from tbhvae.config import Config
+from tbhvae.hashing_model import HashingModel
 
 
 @dataclasses.dataclass
@@ -75,18 +76,15 @@ class Decoder(keras.layers.Layer):
         return tf.cast(self.output_layer(self.hidden(z_graph)), tf.float32)
 
 
-class TwinBottleneckHashing(keras.Model):
+class TwinBottleneckHashing(HashingModel):
     """Feature -> binary code b and continuous code z -> graph conv -> reconstruction.
 
     `encode(features)` is the deterministic test-time hash: bits = 1[logits > 0].
-    Training runs through `train_step` (custom, distribution-aware).
+    Training runs through `train_step` (custom, distribution-aware: critics and GECO).
     """
 
     def __init__(self, config: Config, input_dim: int, dataset_size: int, **kwargs):
-        super().__init__(name=kwargs.pop("name", config.name), **kwargs)
-        self.config = config
-        self.input_dim = input_dim
-        self.dataset_size = dataset_size
+        super().__init__(config, input_dim, dataset_size, **kwargs)
         # one attribute per role (not a list), so that tf.train.Checkpoint tracks every term's state
         terms = bottlenecks.build_terms(config, input_dim, dataset_size)
         self.reconstruction = terms["reconstruction"]
@@ -97,9 +95,6 @@ class TwinBottleneckHashing(keras.Model):
         self.encoder = Encoder(config, input_dim, *self.continuous_bottleneck.head(), name="encoder")
         self.graph_convolution = tbh_layers.GraphConvolution(config.continuous_dim, name="graph_convolution")
         self.decoder = Decoder(config, input_dim, name="decoder")
-        self.term_trackers = {}
-        self.actor_optimizer = None
-        self.critic_optimizer = None
 
     @property
     def terms(self) -> list[bottlenecks.Term]:
@@ -125,43 +120,19 @@ class TwinBottleneckHashing(keras.Model):
                                                           tf.float32).numpy()
                                                   for i in range(0, len(features), 8192)]))
 
-    def build_all(self) -> None:
-        """Creates every variable (model and optimisers), e.g. before restoring a checkpoint."""
-        if not self.built:
-            self.forward(tf.zeros([2, self.input_dim]), tf.constant([0, 0], tf.int32), training=True)
-            for term in self.terms:
-                if term.critic is not None:
-                    term.critic(tf.zeros([2, term.width]))
-            self.built = True
-        if self.actor_optimizer is not None and not self.actor_optimizer.built:
-            self.actor_optimizer.build(self.actor_variables)
-        if self.critic_optimizer is not None and not self.critic_optimizer.built:
-            self.critic_optimizer.build(self.critic_variables)
+    def build_variables(self) -> None:
+        self.forward(tf.zeros([2, self.input_dim]), tf.constant([0, 0], tf.int32), training=True)
+        for term in self.terms:
+            if term.critic is not None:
+                term.critic(tf.zeros([2, term.width]))
 
     @property
     def critics(self):
         return [t.critic for t in self.terms if t.critic is not None]
 
-    @property
-    def actor_variables(self):
-        critic_ids = {id(v) for c in self.critics for v in c.trainable_variables}
-        return [v for v in self.trainable_variables if id(v) not in critic_ids]
-
-    @property
-    def critic_variables(self):
-        return [v for c in self.critics for v in c.trainable_variables]
-
-    def compile(self, actor_optimizer, critic_optimizer=None, **kwargs):
-        super().compile(**kwargs)
-        self.actor_optimizer = actor_optimizer
-        self.critic_optimizer = critic_optimizer if self.critics else None
-        names = ["loss", *(name for term in self.terms for name in term.names),
-                 *(["critic_loss"] if self.critics else []), "bit_mean"]
-        self.term_trackers = {n: keras.metrics.Mean(name=n) for n in names}
-
-    @property
-    def metrics(self):
-        return list(self.term_trackers.values())
+    def logged_names(self) -> list[str]:
+        return ["loss", *(name for term in self.terms for name in term.names),
+                *(["critic_loss"] if self.critics else []), "bit_mean"]
 
     def training_flops_per_example(self, replica_batch: int) -> float:
         """FLOP of one training step per example, counting the matrix products only.
@@ -187,13 +158,8 @@ class TwinBottleneckHashing(keras.Model):
         return 6.0 * trained + 2.0 * target
 
     # --------------------------------------------------------------- forward
-    def encode(self, features):
-        """Deterministic hash: features float [B, D] -> dict(bits uint8 [B, M], probs, logits)."""
-        logits = self.encoder.logits(self.encoder.scaling(features))
-        return {"bits": tf.cast(logits > 0.0, tf.uint8), "probs": tf.sigmoid(logits), "logits": logits}
-
-    def call(self, features, training=False):
-        return self.encode(features)["bits"]
+    def hash_logits(self, features):
+        return self.encoder.logits(self.encoder.scaling(features))
 
     def forward(self, features, seed, training=True) -> Forward:
         """Training pass; `seed` int32 [2] drives every random draw (stateless)."""
@@ -212,14 +178,6 @@ class TwinBottleneckHashing(keras.Model):
                        self.decoder(z_graph))
 
     # ------------------------------------------------------------------ train
-    def _step_seed(self, step):
-        """A per-step, per-replica stateless seed int32 [2]."""
-        replica = tf.distribute.get_replica_context()
-        replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int64) if replica else tf.constant(0, tf.int64)
-        workers = tf.cast(self.distribute_strategy.num_replicas_in_sync, tf.int64)
-        mixed = tf.cast(step, tf.int64) * workers + replica_id
-        return tf.cast(tf.stack([self.config.seed, tf.math.floormod(mixed, 2 ** 31 - 1)]), tf.int32)
-
     def prior_samples(self, batch, seed) -> dict:
         """Term name -> prior samples [B, width] for the critic of each adversarial bottleneck."""
         seeds = tf.random.experimental.stateless_split(seed + 7919, num=2)  # binary, continuous
@@ -261,20 +219,5 @@ class TwinBottleneckHashing(keras.Model):
                 term.update(step, global_mse)
         logged["loss"] = losses.actor + losses.actor_sum
         logged["bit_mean"] = tf.reduce_mean(tf.cast(out.logits > 0, tf.float32))
-        for name, tracker in self.term_trackers.items():
-            tracker.update_state(logged[name])
-        return {name: tracker.result() for name, tracker in self.term_trackers.items()}
+        return self._track(logged)
 
-
-def encode_features(model: TwinBottleneckHashing, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Deterministic codes of a feature matrix: float [N, D] -> 0/1 uint8 [N, M]."""
-    encode = _compiled_encoder(model)
-    parts = [encode(tf.constant(features[i:i + batch_size], tf.float32)).numpy()
-             for i in range(0, len(features), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, model.config.bits), np.uint8)
-
-
-def _compiled_encoder(model):
-    if getattr(model, "_encode_fn", None) is None:
-        model._encode_fn = tf.function(lambda x: model.encode(x)["bits"], reduce_retracing=True)
-    return model._encode_fn

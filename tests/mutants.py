@@ -183,7 +183,7 @@ MUTATIONS = (
              ("tests/test_evaluation.py",), "hand_computed or all_tie_orders",
              "the group cut by K: H2 off by one position"),
     # ---- deterministic codes at test time and in exports -----------------------------------------
-    Mutation("encode_threshold", "tbhvae/models.py",
+    Mutation("encode_threshold", "tbhvae/hashing_model.py",
              '"bits": tf.cast(logits > 0.0, tf.uint8)',
              '"bits": tf.cast(logits > 0.5, tf.uint8)',
              ("tests/test_training.py",), "deterministic",

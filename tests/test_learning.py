@@ -16,7 +16,8 @@ from tbhvae import train
 from tbhvae.config import load_config
 from tbhvae.data import FeatureSet
 from tbhvae.evaluation import evaluate_codes
-from tbhvae.models import TwinBottleneckHashing, encode_features
+from tbhvae.hashing_model import encode_features
+from tbhvae.models import TwinBottleneckHashing
 
 STEPS = 500
 MARGIN = 0.15  # over the untrained model, in mAP@1000 and in full mAP

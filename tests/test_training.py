@@ -7,7 +7,8 @@ import tensorflow as tf
 from tbhvae import train
 from tbhvae.config import Config, ConfigError
 from tbhvae.data import FeatureSet
-from tbhvae.models import TwinBottleneckHashing, encode_features
+from tbhvae.hashing_model import encode_features
+from tbhvae.models import TwinBottleneckHashing
 from tbhvae.train import distribute, loop, monitor
 
 SMALL = dict(bits=8, hidden_dim=32, continuous_dim=16, batch_size=64, log_every=5, checkpoint_every=10,

@@ -21,7 +21,7 @@ from tbhvae.codes import num_bytes
 from tbhvae.config import Config
 from tbhvae.data.images import decode_rgb
 from tbhvae.export.serving import warmup_inputs, write_models_config, write_warmup_requests
-from tbhvae.models import TwinBottleneckHashing
+from tbhvae.hashing_model import HashingModel, create_model
 from tbhvae.train.rundir import RunDirectory, RunDirError
 
 OUTPUT_NAMES = ("bits", "packed", "probs")
@@ -43,7 +43,7 @@ class TrainedRun:
     config: Config
     input_dim: int
     checkpoint: str
-    model: TwinBottleneckHashing
+    model: HashingModel
     extractor: dict | None = None  # {"backbone", "weights", "input_size"} that made the features; None: unknown
 
 
@@ -72,7 +72,7 @@ def load_run(model_dir: str | os.PathLike) -> TrainedRun:
     if checkpoint is None:
         raise ExportError(f"{path}: no checkpoint in {run_dir.checkpoints}; train first "
                           f"(python train.py --model_dir {path}) or pass another --model_dir")
-    model = TwinBottleneckHashing(config, input_dim, dataset_size)
+    model = create_model(config, input_dim, dataset_size)
     model.build_all()
     try:
         tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
@@ -95,7 +95,7 @@ def pack_bits(bits: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.reduce_sum(values * tf.constant(_BIT_WEIGHTS, tf.int32), axis=2), tf.uint8)
 
 
-def hash_outputs(model: TwinBottleneckHashing, features: tf.Tensor, with_logits: bool = False) -> dict:
+def hash_outputs(model: HashingModel, features: tf.Tensor, with_logits: bool = False) -> dict:
     """The signature outputs (see `tbhvae.export`) for float32 features [B, D], plus
     the binary-head logits float32 [B, M] when `with_logits`."""
     code = model.encode(features)

@@ -28,7 +28,7 @@ from tbhvae import evaluation
 from tbhvae.checks import atomic_write, first_line
 from tbhvae.config import Config, ConfigError
 from tbhvae.data import DataError, FeatureSet, load_features
-from tbhvae.models import TwinBottleneckHashing, encode_features
+from tbhvae.hashing_model import create_model, encode_features
 from tbhvae.protocol import select_queries
 from tbhvae.train import distribute
 from tbhvae.train.monitor import EMPTY_TOTALS, TrainingMonitor, stop_on_sigterm, write_final_summaries, write_hparams
@@ -132,7 +132,7 @@ def features_extractor(config: Config, feature_set: FeatureSet) -> dict | None:
 def build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribute.Strategy):
     """The model adapted to the train features and compiled with fresh optimisers: (model, actor, critic)."""
     with strategy.scope():
-        model = TwinBottleneckHashing(config, feature_set.dim, dataset_size=len(feature_set.train_features))
+        model = create_model(config, feature_set.dim, len(feature_set.train_features))
         model.adapt(feature_set.train_features)
         actor = FusedAdam(actor_learning_rate(config), name="actor_adam")
         critic = FusedAdam(config.critic_learning_rate, name="critic_adam")

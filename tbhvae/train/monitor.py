@@ -21,7 +21,7 @@ from tbhvae import evaluation, plots
 from tbhvae.checks import first_line
 from tbhvae.config import Config
 from tbhvae.data import FeatureSet
-from tbhvae.models import encode_features
+from tbhvae.hashing_model import encode_features
 from tbhvae.protocol import periodic_queries
 from tbhvae.train.distribute import gather_from_workers, is_multi_worker
 from tbhvae.train.rundir import TrainingError

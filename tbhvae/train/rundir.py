@@ -31,7 +31,7 @@ from tbhvae.config import Config, ConfigError
 from tbhvae.data import DataError
 
 # Keys whose change makes an existing checkpoint unusable.
-ARCHITECTURE_KEYS = ("bits", "continuous_dim", "hidden_dim", "binary_bottleneck", "continuous_bottleneck",
+ARCHITECTURE_KEYS = ("model", "bits", "continuous_dim", "hidden_dim", "binary_bottleneck", "continuous_bottleneck",
                      "discriminator", "discriminator_hidden", "input_scaling")
 
 

@@ -1,0 +1,18 @@
+"""GreedyHash, unsupervised (Su et al., NeurIPS 2018) on CIFAR-10 features, as the authors' code
+trains it: one linear hash layer on the fixed features, the raw features' cosines as the target,
+the cubic penalty at 0.1 (`tbhvae.greedyhash`). Batch and budget are the comparison table's.
+"""
+from tbhvae.config import Config
+
+
+def get_config() -> Config:
+    return Config(
+        name="cifar10_greedyhash",
+        model="greedyhash",
+        features_extractor="efficientnet_lite0",  # made ../shared/data/cifar10_effnetlite0.npz
+        input_scaling="none",
+        greedyhash_penalty_weight=0.1,
+        bits=32,
+        batch_size=400,
+        steps=10000,
+    )

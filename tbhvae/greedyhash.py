@@ -1,0 +1,84 @@
+"""GreedyHash, unsupervised (Su, Zhang, Han, Tian, "Greedy Hash: Towards Fast Optimization for
+Accurate Hash Coding in CNN", NeurIPS 2018, Sec. 3 and the unsupervised loss of Sec. 4).
+
+  features x [B, D] -> InputScaling -> h = x W + c [B, M] (the hash layer)
+  b = sign(h) in the forward pass, db = dh in the backward one (the greedy gradient, Eq. 7)
+  loss = mean over pairs i != j of (cos(b_i, b_j) - cos(x_i, x_j))^2       (similarity)
+         + penalty_weight * mean |(|h| - 1)|^3                              (h close to b)
+
+As in the authors' unsupervised code (VGG-16 fc7 frozen, one linear layer trained), the
+model is one linear hash layer on fixed features. Two choices differ from that code,
+for the same objective: the similarity averages over all B (B - 1) ordered pairs of the
+batch rather than the B / 2 pairs of its two halves (a lower-variance estimate of the
+same expectation), and the optimiser is the trainer's Adam instead of SGD with momentum.
+The cubic penalty's weight 0.1 is the code's (`Config.greedyhash_penalty_weight`).
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tbhvae import layers as tbh_layers
+from tbhvae.config import Config
+from tbhvae.hashing_model import HashingModel
+
+
+def greedy_sign(h: tf.Tensor) -> tf.Tensor:
+    """sign(h) forward, the identity backward (GreedyHash's hash layer): float [..., M] -> {-1, 0, 1}."""
+    return h + tf.stop_gradient(tf.sign(h) - h)
+
+
+def pairwise_cosine(rows: tf.Tensor) -> tf.Tensor:
+    """Cosine similarity of every pair of rows: float32 [B, K] -> [B, B]."""
+    unit = tf.math.l2_normalize(rows, axis=-1)
+    return tf.matmul(unit, unit, transpose_b=True)
+
+
+def similarity_loss(codes: tf.Tensor, features: tf.Tensor) -> tf.Tensor:
+    """Mean squared difference of code and feature cosines over the pairs i != j (scalar).
+
+    codes float32 [B, M] in {-1, 1} (their cosine is b_i . b_j / M), features float32 [B, D].
+    """
+    bits = tf.cast(tf.shape(codes)[1], tf.float32)
+    error = tf.square(tf.matmul(codes, codes, transpose_b=True) / bits - pairwise_cosine(features))
+    batch = tf.cast(tf.shape(codes)[0], tf.float32)
+    return (tf.reduce_sum(error) - tf.reduce_sum(tf.linalg.diag_part(error))) / (batch * (batch - 1.0))
+
+
+def quantisation_penalty(h: tf.Tensor) -> tf.Tensor:
+    """mean |(|h| - 1)|^3 over a batch of hash-layer outputs float32 [B, M] (scalar)."""
+    return tf.reduce_mean(tf.abs(tf.abs(h) - 1.0) ** 3)
+
+
+class GreedyHash(HashingModel):
+    """One linear hash layer trained with the greedy sign; bits = 1[h > 0]."""
+
+    def __init__(self, config: Config, input_dim: int, dataset_size: int, **kwargs):
+        super().__init__(config, input_dim, dataset_size, **kwargs)
+        self.scaling = tbh_layers.InputScaling(config.input_scaling, input_dim, name="input_scaling")
+        self.hash_layer = keras.layers.Dense(config.bits, name="hash_layer")
+
+    def adapt(self, features: np.ndarray) -> None:
+        self.scaling.adapt(features)
+
+    def hash_logits(self, features):
+        return tf.cast(self.hash_layer(self.scaling(features)), tf.float32)
+
+    def logged_names(self) -> list[str]:
+        return ["loss", "similarity", "quantisation", "bit_mean"]
+
+    def step_losses(self, features, seed) -> dict:
+        scaled = self.scaling(features)
+        h = tf.cast(self.hash_layer(scaled), tf.float32)
+        similarity = similarity_loss(greedy_sign(h), tf.cast(scaled, tf.float32))
+        quantisation = quantisation_penalty(h)
+        return {"loss": similarity + self.config.greedyhash_penalty_weight * quantisation,
+                "similarity": similarity, "quantisation": quantisation,
+                "bit_mean": tf.reduce_mean(tf.cast(h > 0, tf.float32))}
+
+    def training_flops_per_example(self, replica_batch: int) -> float:
+        """The hash layer (trained, 3 x 2 x D M), the code cosines b b^T (trained, 3 x 2 x B M) and the
+        feature cosines x x^T (forward only, 2 x B D), per example."""
+        return (super().training_flops_per_example(replica_batch) + 6.0 * replica_batch * self.config.bits
+                + 2.0 * replica_batch * self.input_dim)
