@@ -42,24 +42,21 @@ def _report_a_pending_kill() -> None:
         print(RETURNED_EARLY, file=sys.stderr, flush=True)
 
 
-def _armed(function, occurrence: int, delay: float, ends_the_phase: bool = True):
+def _armed(function, occurrence: int, delay: float):
     calls = 0
 
     def wrapper(*args, **kwargs):
         nonlocal calls
         calls += 1
-        armed = calls == occurrence
-        if armed:
+        if calls == occurrence:
             _kill_later(delay)
-        result = function(*args, **kwargs)
-        if armed and ends_the_phase:
-            _report_a_pending_kill()
-        return result
+        return function(*args, **kwargs)
 
     return wrapper
 
 
 def _reporting(function):
+    """`function`, which ends the phase, then a word on stderr if the armed kill is still pending."""
     def wrapper(*args, **kwargs):
         result = function(*args, **kwargs)
         _report_a_pending_kill()
@@ -84,13 +81,13 @@ def install(plan: dict) -> None:
         raise SystemExit(f"kill_point: unknown phase {phase!r}; one of {', '.join(PHASES)}")
     trainer = monitor.TrainingMonitor
     if phase == "final_evaluation":
-        loop.final_evaluation = _armed(loop.final_evaluation, occurrence, delay)
+        loop.final_evaluation = _reporting(_armed(loop.final_evaluation, occurrence, delay))
     elif phase == "train":  # the phase is every step, from on_train_begin to on_train_end
-        trainer.on_train_begin = _armed(trainer.on_train_begin, occurrence, delay, ends_the_phase=False)
+        trainer.on_train_begin = _armed(trainer.on_train_begin, occurrence, delay)
         trainer.on_train_end = _reporting(trainer.on_train_end)
     else:
         name = {"save": "save", "periodic_evaluation": "evaluate"}[phase]
-        setattr(trainer, name, _armed(getattr(trainer, name), occurrence, delay))
+        setattr(trainer, name, _reporting(_armed(getattr(trainer, name), occurrence, delay)))
 
 
 def main() -> None:

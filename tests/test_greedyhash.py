@@ -9,7 +9,6 @@ from tbhvae.config import Config, ConfigError
 from tbhvae.export.savedmodel import export_saved_model, load_run
 from tbhvae.greedyhash import GreedyHash, greedy_sign, quantisation_penalty, similarity_loss
 from tbhvae.hashing_model import create_model, encode_features
-from tbhvae.train import loop
 from test_training import synthetic_features, two_replicas
 
 SMALL = dict(model="greedyhash", bits=8, batch_size=64, log_every=5, checkpoint_every=10, eval_every=10,
@@ -81,4 +80,3 @@ def test_create_model_builds_the_family_the_config_names():
     assert type(create_model(Config(), 24, 100)).__name__ == "TwinBottleneckHashing"
     with pytest.raises(ConfigError, match="greedyhash_penalty_weight"):
         Config(model="greedyhash", greedyhash_penalty_weight=-1.0).validate()
-    assert loop.create_model is create_model
