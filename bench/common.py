@@ -23,6 +23,11 @@ DEEP_CONFIGS = {
     "tbh_geco": "cifar10_tbh_geco.py",
     "tbh_reference": "cifar10_tbh_reference.py",
     "tbhvae_paper": "cifar10_tbhvae_paper.py",
+    # the other deep methods of the paper's table, on the same trainer (tbhvae.hashing_model.FAMILIES)
+    "greedyhash": "cifar10_greedyhash.py",
+    "sgh": "cifar10_sgh.py",
+    "pseudolabel": "cifar10_pseudolabel.py",
+    "distillhash": "cifar10_distillhash.py",
 }
 
 

@@ -1,9 +1,11 @@
 """Benchmark: the comparison table, every method x code length on one feature file.
 
 Methods: the classic baselines of `tbhvae.baselines` (lsh, pcah, itq, sh,
-spherh, agh) and the deep models of `configs/` (tbh, tbhvae and the two mixed
-ablations tbh_betatcvae, tbh_geco; tbh_reference and tbhvae_paper, the faithful
-settings), each trained for `--budget` steps per seed.
+spherh, agh, kmh, dgh, dgh_r) and the deep models of `configs/` (tbh, tbhvae and
+the two mixed ablations tbh_betatcvae, tbh_geco; tbh_reference and
+tbhvae_paper, the faithful settings; greedyhash, sgh, pseudolabel and
+distillhash, the other deep methods of the paper's table), each trained for
+`--budget` steps per seed.
 Database = the train split, queries = the test split ("q10k": all test rows,
 "q1k": the first 100 of each class). Per method and code length it reports
 mAP@1000, mAP over the whole ranking, precision within Hamming radius 2 and the
@@ -22,6 +24,7 @@ and is kept when its config.json and metrics.json match the requested run, so
 an interrupted table resumes where it stopped.
 
   python -m bench.table --json table.json                  # full table (~15 min per deep run on 2 cores)
+  python bench/table.py --methods sgh,greedyhash --bits 32 --json deep.json   # also runs as a script
   python -m bench.table --quick --json table_quick.json    # smoke run (minutes)
 
 Writes OUT.json = {method: {bits: {"map@1000", "map@1000_std", "map", "map_std",
@@ -33,8 +36,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 from pathlib import Path
+
+if not __package__:  # run as `python bench/table.py`: the repository root holds the package `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """A bad config, config file or override; the message names the key and the fix."""
 
 
+# The deep hashing families (tbhvae.hashing_model.FAMILIES)
+ModelFamily = Literal["twin_bottleneck", "greedyhash", "sgh", "pseudolabel", "distillhash"]
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a training run. Units in the comments."""
@@ -41,7 +45,7 @@ class Config:
     cache_dir: str = "~/.cache/tbhvae"  # extracted feature cache
     input_scaling: Literal["none", "standardize", "l2"] = "none"  # none: as the reference code; l2: unit-norm rows
     # --- model --------------------------------------------------------------
-    model: Literal["twin_bottleneck", "greedyhash"] = "twin_bottleneck"  # family: TBH / TBH-VAE | GreedyHash
+    model: ModelFamily = "twin_bottleneck"  # family: TBH / TBH-VAE | GreedyHash | SGH | PseudoLabel | DistillHash
     bits: int = 32  # M, binary code length
     continuous_dim: int = 512  # size of the continuous bottleneck z
     hidden_dim: int = 1024  # encoder/decoder hidden width
@@ -73,6 +77,11 @@ class Config:
     anchors: int = 300  # anchor-graph target: k-means anchors (AGH's default)
     nearest_anchors: int = 2  # anchor-graph target: anchors per row (AGH's default)
     greedyhash_penalty_weight: float = 0.1  # GreedyHash: weight of mean |(|h| - 1)|^3 (0.1: the authors' code)
+    pseudolabel_clusters: int = 100  # PseudoLabel: K, k-means clusters = pseudo classes (not the paper's: unread)
+    pseudolabel_balance_weight: float = 1.0  # PseudoLabel: weight of log 2 - mean bit entropy (nats per bit)
+    pseudolabel_quantisation_weight: float = 1.0  # PseudoLabel: weight of mean (h - 1[h > 1/2])^2
+    distillhash_alpha: float = 2.0  # DistillHash: pair similar at first if cosine distance <= mode - alpha sigma_left
+    distillhash_neighbours: int = 5  # DistillHash: k, a row's local structure = its k nearest rows of the batch
     decorrelation_weight: float = 0.0  # weight of the bits' batch decorrelation term on 2b - 1 (0 = off)
     geco_kappa: float = 0.0  # reconstruction tolerance (feature units, RMSE); 0 = calibrate
     geco_calibration_steps: int = 200  # steps of the warm-up that calibrates kappa
@@ -91,7 +100,7 @@ class Config:
     critic_learning_rate: float = 1e-4  # Adam, the adversarial critics
     seed: int = 0  # every random draw (initialisation, batches, sampling, anchors)
     jit_compile: Literal["auto", "true", "false"] = "auto"  # XLA; auto: on GPUs/TPUs, off on CPUs (BENCHMARKS.md)
-    steps_per_execution: int = 50  # steps per tf.function call (1 with several replicas)
+    steps_per_execution: int = 50  # steps per tf.function call (lowered to land on log/eval/checkpoint steps)
     mixed_precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"  # Keras dtype policy
     # --- logging / evaluation -----------------------------------------------
     log_every: int = 100  # steps between TensorBoard scalars
@@ -115,7 +124,7 @@ class Config:
                 raise ConfigError(f"config key '{key}' must be one of {', '.join(CHOICES[key])}; got '{value}'")
         for key in ("bits", "continuous_dim", "hidden_dim", "batch_size", "steps",
                     "steps_per_execution", "log_every", "checkpoint_every", "eval_queries",
-                    "checkpoints_to_keep", "anchors", "nearest_anchors"):
+                    "checkpoints_to_keep", "anchors", "nearest_anchors", "distillhash_neighbours"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"config key '{key}' must be > 0, got {getattr(self, key)}")
         for key in ("learning_rate", "critic_learning_rate", "geco_rate", "geco_max_log_step",
@@ -125,7 +134,8 @@ class Config:
         if not 0 <= self.geco_alpha < 1:
             raise ConfigError(f"config key 'geco_alpha' must be in [0, 1), got {self.geco_alpha}")
         for key in ("similarity_weight", "decorrelation_weight", "greedyhash_penalty_weight", "reconstruction_weight",
-                    "binary_kl_weight", "adversarial_weight", "tc_alpha", "tc_beta", "tc_gamma"):
+                    "binary_kl_weight", "adversarial_weight", "tc_alpha", "tc_beta", "tc_gamma",
+                    "pseudolabel_balance_weight", "pseudolabel_quantisation_weight", "distillhash_alpha"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, key)}")
         if self.nearest_anchors > self.anchors:
@@ -133,6 +143,8 @@ class Config:
                               f"got {self.nearest_anchors}")
         if self.eval_every < 0:
             raise ConfigError(f"config key 'eval_every' must be >= 0, got {self.eval_every}")
+        if self.pseudolabel_clusters < 2:
+            raise ConfigError(f"config key 'pseudolabel_clusters' must be >= 2, got {self.pseudolabel_clusters}")
         if self.geco_kappa == 0 and self.geco_warmup < self.geco_calibration_steps:
             raise ConfigError("config key 'geco_warmup' must be >= 'geco_calibration_steps' when "
                               "kappa is calibrated (geco_kappa=0)")

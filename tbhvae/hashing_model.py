@@ -12,6 +12,8 @@ override `train_step`.
 """
 from __future__ import annotations
 
+import importlib
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -130,13 +132,20 @@ class HashingModel(keras.Model):
         return 6.0 * sum(int(np.prod(v.shape)) for v in self.trainable_variables if len(v.shape) == 2)
 
 
+# config.model -> (module, class) of the family; imported on use (the families import this module)
+FAMILIES = {
+    "twin_bottleneck": ("tbhvae.models", "TwinBottleneckHashing"),
+    "greedyhash": ("tbhvae.greedyhash", "GreedyHash"),
+    "sgh": ("tbhvae.sgh", "StochasticGenerativeHashing"),
+    "pseudolabel": ("tbhvae.pseudolabel", "PseudoLabelHashing"),
+    "distillhash": ("tbhvae.distillhash", "DistillHash"),
+}
+
+
 def create_model(config: Config, input_dim: int, dataset_size: int) -> HashingModel:
     """The model family `config.model` for D = `input_dim` features and N = `dataset_size` training rows."""
-    from tbhvae.greedyhash import GreedyHash  # the families import this module: imported here
-    from tbhvae.models import TwinBottleneckHashing
-
-    family = {"twin_bottleneck": TwinBottleneckHashing, "greedyhash": GreedyHash}[config.model]
-    return family(config, input_dim, dataset_size)
+    module, name = FAMILIES[config.model]
+    return getattr(importlib.import_module(module), name)(config, input_dim, dataset_size)
 
 
 def encode_features(model: HashingModel, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
