@@ -2,7 +2,8 @@
 across workers, and every TensorFlow / Keras workaround the trainer needs.
 
 Workarounds (each documented where it is applied):
-  execution_steps             1 step per call with several replicas (keras-team/keras#19246)
+  _steps_in_one_call          several steps per call with several replicas: Keras 3's own
+                              multi-step loop fails there (keras-team/keras#19246)
   use_xla                     no XLA for several replicas on CPU devices (one shared XLA host)
   _report_metrics_as_vectors  [1]-shaped step metrics under MultiWorkerMirroredStrategy
                               (tensorflow/tensorflow#72388)
@@ -135,24 +136,20 @@ def precision_policy(name: str):
 def compile_for_fit(model: keras.Model, config: Config, strategy: tf.distribute.Strategy,
                     start_step: int) -> int:
     """Compiles the built `model` for fit() under `strategy`; returns its steps per execution."""
-    spe = execution_steps(config, start_step, strategy.num_replicas_in_sync)
-    if is_multi_worker(strategy):
+    spe = execution_steps(config, start_step)
+    own_loop = strategy.num_replicas_in_sync > 1 and spe > 1
+    if is_multi_worker(strategy) and not own_loop:  # Keras's loop reduces the step metrics itself
         _report_metrics_as_vectors(model)
     actor = model.actor_optimizer
     model.compile(actor_optimizer=actor, critic_optimizer=model.critic_optimizer, optimizer=actor,
                   jit_compile=use_xla(config, strategy), auto_scale_loss=False, steps_per_execution=spe)
+    if own_loop:
+        _steps_in_one_call(model, strategy, spe)
     return spe
 
 
-def execution_steps(config: Config, start_step: int, replicas: int) -> int:
-    """Steps per tf.function call that land exactly on every log/eval/checkpoint/end step.
-
-    With more than one replica it is 1: Keras 3's multi-step loop fails under
-    MirroredStrategy ("You must feed a value for placeholder tensor",
-    keras-team/keras#19246).
-    """
-    if replicas > 1:
-        return 1
+def execution_steps(config: Config, start_step: int) -> int:
+    """Steps per tf.function call that land exactly on every log/eval/checkpoint/end step."""
     spe = math.gcd(config.steps_per_execution, config.log_every, config.checkpoint_every,
                    config.steps, max(config.steps - start_step, 1))
     if config.eval_every:
@@ -181,6 +178,34 @@ def _runs_on_cpus(strategy: tf.distribute.Strategy) -> bool:
     except RuntimeError:  # the default strategy, which places ops on the first GPU when there is one
         return not tf.config.list_logical_devices("GPU")
     return all("CPU" in device.upper() for device in devices)
+
+
+def _steps_in_one_call(model: keras.Model, strategy: tf.distribute.Strategy, steps: int) -> None:
+    """Makes `fit` run `steps` train steps per tf.function call under a multi-replica strategy.
+
+    Keras 3's multi-step loop (an Optional-carrying while loop) fails under
+    MirroredStrategy ("You must feed a value for placeholder tensor",
+    keras-team/keras#19246), and one call per step costs a replica step's
+    dispatch each time. The trainer's dataset never ends, so a plain loop of
+    `strategy.run` over the distributed iterator serves; the logged values are
+    the first replica's, as Keras reports them.
+    """
+    def one_step(iterator):
+        outputs = strategy.run(model.train_step, args=(next(iterator),))
+        return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
+
+    @tf.function(reduce_retracing=True)
+    def train_function(iterator):
+        outputs = one_step(iterator)
+        for _ in tf.range(steps - 1):
+            outputs = one_step(iterator)
+        return outputs
+
+    def make_train_function(force=False):
+        model.train_function = train_function
+        return train_function
+
+    model.make_train_function = make_train_function
 
 
 def _report_metrics_as_vectors(model: keras.Model) -> None:
