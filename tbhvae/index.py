@@ -92,17 +92,38 @@ def _check_duplicates(ids: np.ndarray) -> None:
         raise ValueError(f"ids must be unique; id {repeated[0]} occurs more than once")
 
 
+PROBE_KINDS = ("features", "jpeg")  # what an EncoderProbe's inputs are
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderProbe:
     """Which encoder made an index's codes, told by what it does: probe inputs and its codes of them.
 
     Every encoder of one trained model (Keras, SavedModel, float or quantised TFLite)
     reproduces the codes up to a few flipped bits; another model of the same code
-    length agrees on about half of them.
+    length agrees on about half of them. `kind` says what the inputs are: "features"
+    (an index built from features) or "jpeg" (built from images: the encoded files).
     """
 
-    inputs: np.ndarray  # float32 [P, D] feature rows
+    inputs: np.ndarray | tuple[bytes, ...]  # features: float [P, D]; jpeg: P encoded JPEG/PNG files
     codes: np.ndarray  # 0/1 uint8 [P, M]: the encoder's codes of `inputs`
+    kind: str = "features"
+
+    def __post_init__(self):
+        if self.kind not in PROBE_KINDS:
+            raise ValueError(f"probe kind: expected one of {PROBE_KINDS}, got {self.kind!r}")
+        codes = check_bits(self.codes, "probe_codes")
+        if self.kind == "features":
+            inputs = np.asarray(self.inputs)  # kept in its dtype (a float16 feature file: float16 rows)
+            if inputs.ndim != 2 or inputs.dtype.kind != "f":
+                raise ValueError(f"probe_inputs: expected float feature rows [P, D], got {inputs.dtype} "
+                                 f"{inputs.shape}")
+        else:
+            inputs = tuple(bytes(file) for file in self.inputs)
+        if len(inputs) != len(codes):
+            raise ValueError(f"probe: {len(inputs)} inputs but {len(codes)} codes")
+        object.__setattr__(self, "inputs", inputs)
+        object.__setattr__(self, "codes", codes)
 
     def agreement(self, codes) -> float:
         """Fraction of bits equal between `codes` [P, M] (another encoder's codes of `inputs`) and ours."""
@@ -110,6 +131,30 @@ class EncoderProbe:
         if codes.shape != self.codes.shape:
             raise ValueError(f"codes: expected shape {self.codes.shape} (the probe's), got {codes.shape}")
         return float(np.mean(codes == self.codes))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The index-file entries: probe_codes and, by kind, probe_inputs or probe_jpeg_bytes +
+        probe_jpeg_offsets (concatenated files uint8 and int64 [P + 1] bounds, no pickle)."""
+        if self.kind == "features":
+            return {"probe_inputs": self.inputs, "probe_codes": self.codes}
+        offsets = np.concatenate([[0], np.cumsum([len(file) for file in self.inputs])]).astype(np.int64)
+        return {"probe_jpeg_bytes": np.frombuffer(b"".join(self.inputs), np.uint8),
+                "probe_jpeg_offsets": offsets, "probe_codes": self.codes}
+
+    @classmethod
+    def from_arrays(cls, contents) -> "EncoderProbe | None":
+        """The probe held by index-file entries (`arrays`), None when they hold none; ValueError when damaged."""
+        if "probe_inputs" in contents:
+            return cls(contents["probe_inputs"], contents["probe_codes"])
+        if "probe_jpeg_bytes" not in contents:
+            return None
+        data, offsets = contents["probe_jpeg_bytes"], np.asarray(contents["probe_jpeg_offsets"])
+        if (data.ndim != 1 or data.dtype != np.uint8 or offsets.ndim != 1 or offsets.dtype.kind not in "iu"
+                or offsets.size < 1 or offsets[0] != 0
+                or offsets[-1] != data.size or np.any(np.diff(offsets) < 0)):
+            raise ValueError("probe_jpeg_bytes / probe_jpeg_offsets do not hold consecutive files")
+        return cls(tuple(data[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])), contents["probe_codes"],
+                   kind="jpeg")
 
 
 class HammingIndex:
@@ -372,8 +417,7 @@ class HammingIndex:
         if self._paths is not None:
             arrays["paths"] = self._paths
         if self.encoder_probe is not None:
-            arrays["probe_inputs"] = self.encoder_probe.inputs
-            arrays["probe_codes"] = self.encoder_probe.codes
+            arrays.update(self.encoder_probe.arrays())
         with atomic_path(path, ".partial") as partial, open(partial, "wb") as file:
             np.savez(file, **arrays)  # a file object: np.savez appends no ".npz"
 
@@ -412,9 +456,7 @@ class HammingIndex:
             index = cls.from_packed(contents["packed"], bits, contents["ids"],
                                     contents.get("labels"), contents.get("paths"),
                                     backend=backend, workers=workers, ivf=ivf)
-            if "probe_inputs" in contents:
-                index.encoder_probe = EncoderProbe(np.asarray(contents["probe_inputs"], np.float32),
-                                                   check_bits(contents["probe_codes"], "probe_codes"))
+            index.encoder_probe = EncoderProbe.from_arrays(contents)
         except (ValueError, KeyError) as error:
             raise ValueError(f"{path}: corrupt index file ({error})") from error
         return index

@@ -5,11 +5,18 @@ docstring shows the command lines). An encoder is an exported SavedModel, a
 `.tflite` file or a training run directory (`tbhvae.encoders.open_encoder`).
 In the figure, retrieved images relevant to the query (`tbhvae.protocol.relevant`)
 are framed green, the others red.
+
+`build` records the encoder in the index (`index.EncoderProbe`: 64 of the feature
+rows, or of the JPEG files when built from images, with their codes);
+`check_same_encoder` (query, draw, the search service) encodes them again and
+refuses an encoder that agrees on fewer than MIN_PROBE_AGREEMENT of the bits. An
+index without a probe (an older tbhvae) gets one warning line on stderr instead.
 """
 from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -17,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tbhvae import protocol
-from tbhvae.checks import atomic_path, atomic_write, check_writable, open_npz
+from tbhvae.checks import atomic_path, atomic_write, check_count, check_writable, open_npz
 from tbhvae.index import EncoderProbe
 
 FRAME_QUERY = (90, 90, 90)
@@ -27,7 +34,7 @@ BACKGROUND = (255, 255, 255)
 HEADER = 16  # pixels of title text above the grid
 SPACING = 2  # pixels between tiles
 QUERY_GAP = 12  # extra pixels between the query column and the results
-PROBE_ROWS = 64  # database rows an index keeps to recognise its encoder (`index.EncoderProbe`)
+PROBE_ROWS = 64  # database rows (features or JPEG files) an index keeps to recognise its encoder
 # The TFLite variants of one model keep >= 98% of its bits (the export parity limits); two models ~50%.
 MIN_PROBE_AGREEMENT = 0.9
 
@@ -187,18 +194,58 @@ def encode_split(encoder_path: str, features_path: str | None, images_path: str 
     return encoder.encode_jpeg(jpeg_rows(images_path, split, rows))["bits"], labels
 
 
+def _probe_codes(encoder, probe: EncoderProbe) -> np.ndarray | None:
+    """`encoder`'s codes 0/1 [P, M] of the probe's inputs, or None when it takes no such inputs.
+
+    JPEG probes go through the SavedModel's encode_jpeg, or, for an images_*.tflite,
+    through its image input after decoding as encode_jpeg does; feature-only encoders
+    cannot encode them.
+    """
+    from tbhvae.encoders import LiteEncoder, SavedModelEncoder
+
+    if probe.kind == "features":
+        return None if encoder.input_dim is None else encoder.encode(probe.inputs)["bits"]
+    if isinstance(encoder, SavedModelEncoder) and "encode_jpeg" in encoder.loaded.signatures:
+        return encoder.encode_jpeg(list(probe.inputs))["bits"]
+    if isinstance(encoder, LiteEncoder) and encoder.image_input:
+        from tbhvae.data.images import decode_rgb_list
+        from tbhvae.export.parity import encode_images_by_size
+
+        return encode_images_by_size(encoder, decode_rgb_list(list(probe.inputs)))["bits"]
+    return None
+
+
 def check_same_encoder(index, encoder_path: str, index_path: str) -> None:
-    """Refuses an encoder other than the one that built `index` (by its probe; no probe: no check)."""
+    """Refuses an encoder other than the one that built `index`, by the index's probe (`EncoderProbe`).
+
+    Where the check cannot be made (an index without a probe, written by a tbhvae
+    older than the probe, or a probe of images and an encoder that takes only
+    features) it prints one warning line on stderr and lets the search go on.
+    """
     probe = index.encoder_probe
     if probe is None:
+        print(f"warning: {index_path} does not record which encoder built it (written by an older tbhvae), so "
+              f"{encoder_path} cannot be checked against it; rebuild the index to have it checked",
+              file=sys.stderr)
         return
     encoder = _encoder(encoder_path)
-    if probe.inputs.shape[1] != encoder.input_dim:
+    if probe.kind == "features" and encoder.input_dim not in (None, probe.inputs.shape[1]):
         raise RetrievalError(f"{index_path} was built by an encoder of {probe.inputs.shape[1]}-d features but "
                              f"{encoder_path} takes {encoder.input_dim}-d ones; use the encoder that built it")
-    agreement = probe.agreement(encoder.encode(probe.inputs)["bits"])
+    codes = _probe_codes(encoder, probe)
+    if codes is None:
+        built_from, takes = ("features", "images") if probe.kind == "features" else ("images", "features")
+        print(f"warning: {index_path} was built from {built_from} but {encoder_path} takes only {takes}, so it "
+              f"cannot be checked against the encoder that built the index; pass that encoder, or rebuild "
+              f"the index from {takes} with this one", file=sys.stderr)
+        return
+    if codes.shape[1] != probe.codes.shape[1]:
+        raise RetrievalError(f"{index_path} holds {probe.codes.shape[1]}-bit codes but {encoder_path} makes "
+                             f"{codes.shape[1]}-bit codes; build the index with this encoder")
+    agreement = probe.agreement(codes)
     if agreement < MIN_PROBE_AGREEMENT:
-        raise RetrievalError(f"{index_path} was built by another encoder: on its {len(probe.inputs)} probe rows "
+        inputs = "rows" if probe.kind == "features" else "images"
+        raise RetrievalError(f"{index_path} was built by another encoder: on its {len(probe.inputs)} probe {inputs} "
                              f"{encoder_path} agrees on {agreement:.0%} of the bits (the same model in any "
                              f"format: >= {MIN_PROBE_AGREEMENT:.0%}); rebuild the index with this encoder")
 
@@ -211,9 +258,12 @@ def build(encoder: str, features: str | None, images: str | None, index_path: st
     start = time.perf_counter()
     codes, labels = encode_split(encoder, features, images, "train")
     index = HammingIndex(codes, labels=labels)
-    if features:  # built from features: remember which encoder made the codes
-        rows = np.sort(np.random.default_rng(0).choice(len(codes), min(PROBE_ROWS, len(codes)), replace=False))
+    # remember which encoder made the codes: its codes of a few of the inputs
+    rows = np.sort(np.random.default_rng(0).choice(len(codes), min(PROBE_ROWS, len(codes)), replace=False))
+    if features:
         index.encoder_probe = EncoderProbe(_feature_set(features).train_features[rows], codes[rows])
+    else:
+        index.encoder_probe = EncoderProbe(tuple(jpeg_rows(images, "train", rows)), codes[rows], kind="jpeg")
     try:
         Path(index_path).parent.mkdir(parents=True, exist_ok=True)
         index.save(index_path)
@@ -230,6 +280,11 @@ def query(encoder: str, features: str | None, images: str | None, index_path: st
     """Top-k search for the first `num_queries` test rows (0 = all); prints and saves results."""
     from tbhvae.index import HammingIndex
 
+    try:  # before any work: a negative count would search no query and report precision nan
+        check_count(k, "--k")
+        check_count(num_queries, "--queries", allow_zero=True)
+    except ValueError as err:
+        raise RetrievalError(str(err)) from None
     if results_path:
         check_writable(results_path, "--results", RetrievalError)
     try:

@@ -136,6 +136,10 @@ def _predict(loaded, body: dict | str) -> dict:
             missing = sorted(key for key in specs if any(i.get(key) is None for i in instances))
             if missing:
                 raise RestError(f"every instance needs the input(s) {', '.join(missing)}")
+            unknown = sorted({key for i in instances for key in i} - set(specs))
+            if unknown:  # TF Serving: 400 "does not have named input"
+                raise RestError(f"the signature does not have named input(s) {', '.join(unknown)}; it takes "
+                                f"{', '.join(specs)}")
         elif len(specs) == 1:
             columns = {next(iter(specs)): instances}
         else:

@@ -334,3 +334,28 @@ def test_queries_that_cannot_score_are_warned_about_and_count_as_zero():
         mean_average_precision(codes[:1], codes, np.array([[0, 0]]), np.array([[1, 0], [0, 1], [1, 1]]))
     with pytest.warns(UserWarning, match="every database item is relevant"):
         mean_average_precision(codes, codes, np.zeros(3, int), np.zeros(3, int))
+
+
+@pytest.mark.parametrize("unscorable", ["class_absent_from_database", "multi_hot_row_without_labels"])
+def test_every_metric_counts_a_query_without_relevant_items_the_same_documented_way(unscorable):
+    """Issue 16 item 7: such a query is 0 in every mean (mAP@K, full mAP, precision@r2, precision@N,
+    the PR curve's precision, the chance level), left out of recall, and skipped by the older protocol."""
+    rng = np.random.default_rng(3)
+    db_codes, query_code = rng.integers(0, 2, (60, 6), dtype=np.uint8), rng.integers(0, 2, (1, 6), dtype=np.uint8)
+    classes = rng.integers(0, 3, 60)
+    if unscorable == "class_absent_from_database":
+        db_labels, good, bad = classes, np.array([1]), np.array([7])
+    else:
+        db_labels, good, bad = np.eye(4, dtype=np.uint8)[classes], np.array([[0, 1, 0, 0]]), np.zeros((1, 4), int)
+    alone = evaluate_codes(query_code, db_codes, good, db_labels, top_k=20, curves=True, index_ties=True)
+    with pytest.warns(UserWarning, match="1 of 2 queries have no relevant item"):
+        both = evaluate_codes(np.repeat(query_code, 2, axis=0), db_codes, np.concatenate([good, bad]), db_labels,
+                              top_k=20, curves=True, index_ties=True)
+    assert alone["map@20"] > 0 and alone["precision_at_n"][10] > 0
+    for key in ("map@20", "map", "precision@r2", "chance_map@20"):
+        assert both[key] == pytest.approx(alone[key] / 2), key
+    for n, value in alone["precision_at_n"].items():
+        assert both["precision_at_n"][n] == pytest.approx(value / 2), n
+    np.testing.assert_allclose(both["pr_curve"]["precision"], np.array(alone["pr_curve"]["precision"]) / 2)
+    np.testing.assert_allclose(both["pr_curve"]["recall"], alone["pr_curve"]["recall"])
+    assert both["map@20_index_ties"] == pytest.approx(alone["map@20_index_ties"])

@@ -328,6 +328,18 @@ def test_results_path_is_checked_before_the_search(tiny, tmp_path, no_encoding):
                         str(tmp_path / "results.json"), 0, False)
 
 
+@pytest.mark.parametrize("k, queries, message", [
+    (10, -3, r"--queries: expected a non-negative integer, got -3"),  # searched nothing: precision nan
+    (10, 2.5, r"--queries: expected a non-negative integer, got 2\.5"),
+    (0, 5, r"--k: expected a positive integer, got 0"),
+])
+def test_retrieval_counts_are_checked_before_the_work(tiny, tmp_path, no_encoding, k, queries, message):
+    with pytest.raises(retrieval.RetrievalError, match=message) as caught:
+        retrieval.query(str(tiny["run"]), str(tiny["features"]), None, str(tmp_path / "missing.npz"), k, queries,
+                        str(tmp_path / "results.json"), 0, False)
+    assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+
+
 def test_full_disk_while_saving_the_index_is_one_error(tiny, tmp_path, monkeypatch):
     def full_disk(self, path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -440,6 +452,8 @@ MISUSE = {
     "train_config_returns_int": ("train", "--config {config}/five.py", r"get_config\(\) returned int, not Config"),
     "train_config_without_get_config": ("train", "--config {config}/empty.py",
                                         r"a config file must define get_config\(\) -> tbhvae.config.Config"),
+    "train_config_raises": ("train", "--config {config}/raises.py",
+                            r"raises.py: RuntimeError: no dataset here; fix the config file"),
     "train_features_missing": ("train", "--features /nonexistent.npz", r"/nonexistent.npz: feature file not found"),
     "train_features_a_directory": ("train", "--features {config}", r"is a directory, not a feature file"),
     "train_features_not_npz": ("train", "--features {config}/five.py", r"five.py: not a readable .npz file"),
@@ -470,6 +484,8 @@ MISUSE = {
     "retrieval_figure_without_images": ("retrieval", "query --encoder {run} --index i.npz --figure f.png",
                                         r"--figure/--logdir need --images"),
     "retrieval_zero_k": ("retrieval", "query --encoder {run} --index i.npz --k 0", r"flag --k=0: 0 is not a positive"),
+    "retrieval_negative_queries": ("retrieval", "query --encoder {run} --index i.npz --queries -3",
+                                   r"flag --queries=-3: -3 is not a non-negative integer"),
     "serve_port_out_of_range": ("serve", "--encoder {run} --index i.npz --port 99999",
                                 r"flag --port=99999: 99999 is not an integer in the range \[1, 65535\]"),
 }
@@ -477,8 +493,10 @@ MISUSE = {
 
 @pytest.fixture(scope="module")
 def misuse_files(tmp_path_factory):
-    """A folder of wrong things: a config with a syntax error, one returning 5, one without get_config."""
+    """A folder of wrong things: a config with a syntax error, one returning 5, one without get_config,
+    one whose get_config raises."""
     folder = tmp_path_factory.mktemp("misuse")
+    (folder / "raises.py").write_text("def get_config():\n    raise RuntimeError('no dataset here')\n")
     (folder / "syntax.py").write_text("def get_config(:\n")
     (folder / "five.py").write_text("def get_config():\n    return 5\n")
     (folder / "empty.py").write_text("x = 1\n")

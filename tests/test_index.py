@@ -295,6 +295,30 @@ def test_the_encoder_probe_is_saved_and_compared(tmp_path):
     assert HammingIndex.load(tmp_path / "plain.npz").encoder_probe is None
 
 
+def test_a_probe_of_jpeg_files_is_saved_without_pickle(tmp_path):
+    rng = np.random.default_rng(6)
+    codes = rng.integers(0, 2, (20, 10), dtype=np.uint8)
+    files = tuple(rng.integers(0, 256, rng.integers(1, 40), dtype=np.uint8).tobytes() for _ in range(5)) + (b"",)
+    index = HammingIndex(codes)
+    index.encoder_probe = EncoderProbe(files, codes[:6], kind="jpeg")
+    index.save(tmp_path / "i.npz")
+    with np.load(tmp_path / "i.npz", allow_pickle=False) as archive:  # plain arrays: bytes + offsets
+        assert archive["probe_jpeg_bytes"].dtype == np.uint8 and archive["probe_jpeg_offsets"].dtype == np.int64
+        assert "probe_inputs" not in archive.files  # a tbhvae without kinds sees no probe rather than a wrong one
+        arrays = dict(archive)
+    loaded = HammingIndex.load(tmp_path / "i.npz").encoder_probe
+    assert loaded.kind == "jpeg" and loaded.inputs == files
+    np.testing.assert_array_equal(loaded.codes, codes[:6])
+    arrays["probe_jpeg_offsets"] = arrays["probe_jpeg_offsets"][::-1].copy()
+    np.savez(tmp_path / "damaged.npz", **arrays)
+    with pytest.raises(ValueError, match="corrupt index file .*consecutive files"):
+        HammingIndex.load(tmp_path / "damaged.npz")
+    with pytest.raises(ValueError, match="5 inputs but 6 codes"):
+        EncoderProbe(files[:5], codes[:6], kind="jpeg")
+    with pytest.raises(ValueError, match="probe kind"):
+        EncoderProbe(files, codes[:6], kind="png")
+
+
 # ------------------------------------------------------------------ approximate backend (faiss IVF)
 def clustered_codes(n, bits, clusters, flip, seed):
     """Codes around `clusters` random centres, each bit flipped with probability `flip`."""

@@ -135,6 +135,20 @@ def test_an_index_refuses_an_encoder_other_than_the_one_that_built_it(data, tmp_
                        str(tmp_path / "f.png"), rows=2, k=3, cell=16, seed=0, logdir=None)
 
 
+def test_an_index_without_an_encoder_record_is_searched_with_a_warning(data, tmp_path, capsys):
+    index_path = tmp_path / "index.npz"
+    retrieval.build(data["saved_model"], data["features"], None, str(index_path))
+    retrieval.query(data["saved_model"], data["features"], None, str(index_path), 5, 4, None, 0, False)
+    assert "warning" not in capsys.readouterr().err  # a recorded and matching encoder: nothing to say
+    old = HammingIndex.load(index_path)
+    old.encoder_probe = None  # as an index written before indexes recorded their encoder
+    old.save(index_path)
+    summary = retrieval.query(data["saved_model"], data["features"], None, str(index_path), 5, 4, None, 0, False)
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "cannot be checked" in warning[0] and "rebuild the index" in warning[0]
+    assert summary["queries"] == 4
+
+
 def test_figure_needs_aligned_images(data, tmp_path):
     index_path = tmp_path / "index.npz"
     retrieval.build(data["saved_model"], data["features"], None, str(index_path))

@@ -60,16 +60,21 @@ def _contents(directory) -> dict:
 
 
 # ------------------------------------------------------------------ --fresh
-def test_fresh_never_deletes_through_a_symlinked_logs_directory(run_copy, tmp_path):
+@pytest.mark.parametrize("linked", ["logs", "checkpoints", "logs/train", "metrics.json",
+                                    "checkpoints/ckpt-20.index"])
+def test_fresh_never_deletes_through_a_symbolic_link(run_copy, tmp_path, linked):
+    """A directory or a file of the run moved elsewhere and replaced by a link to it: nothing is deleted."""
     elsewhere = tmp_path / "elsewhere"
-    shutil.move(run_copy / "logs", elsewhere)
-    (elsewhere / "precious.txt").write_text("not tbhvae's")
-    (run_copy / "logs").symlink_to(elsewhere, target_is_directory=True)
-    target_before, run_before = _contents(elsewhere), snapshot(run_copy)
-    with pytest.raises(train.TrainingError, match=r"logs is a symbolic link .*nothing deleted"):
+    shutil.move(run_copy / linked, elsewhere)
+    if elsewhere.is_dir():
+        (elsewhere / "precious.txt").write_text("not tbhvae's")
+    (run_copy / linked).symlink_to(elsewhere, target_is_directory=elsewhere.is_dir())
+    target_before = _contents(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()
+    run_before = snapshot(run_copy)
+    with pytest.raises(train.TrainingError, match=rf"{re.escape(linked)} is a symbolic link .*nothing deleted"):
         _train(run_copy, steps=10, fresh=True, bits=16)
-    assert _contents(elsewhere) == target_before
-    assert snapshot(run_copy) == run_before and (run_copy / "logs").is_symlink()
+    assert (_contents(elsewhere) if elsewhere.is_dir() else elsewhere.read_bytes()) == target_before
+    assert snapshot(run_copy) == run_before and (run_copy / linked).is_symlink()
 
 
 def test_fresh_refuses_a_directory_that_is_not_a_tbhvae_run(tmp_path, feature_file):

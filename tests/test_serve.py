@@ -242,6 +242,36 @@ def test_opening_refuses_what_does_not_fit(served, tmp_path):
         serve.SearchService.open(served["encoder"], served["index"], max_k=0)
 
 
+def test_an_index_built_from_images_refuses_another_encoder(served, tmp_path, capsys):
+    index = HammingIndex.load(served["index"])
+    probe = index.encoder_probe  # 64 of the train JPEG files, as bytes, and their codes
+    assert probe.kind == "jpeg" and len(probe.inputs) == 64 and probe.codes.shape == (64, 16)
+    assert set(probe.inputs) <= set(served["files"]["train"])
+    index.save(tmp_path / "saved_again.npz")  # the record survives another save and load
+    again = str(tmp_path / "saved_again.npz")
+    assert HammingIndex.load(again).encoder_probe.inputs == probe.inputs
+    retrieval.query(served["encoder"], None, served["images"], again, 5, 6, None, 0, False)
+    serve.SearchService.open(served["encoder"], again, served["images"])
+    assert "warning" not in capsys.readouterr().err
+    # the same hash head behind another (random) backbone: the same code length, other codes of the images
+    keras.utils.set_random_seed(1)
+    backbone = export.load_backbone("mobilenet_v2", "none", 1280, input_size=32)
+    other = str(export.export_saved_model(export.load_run(served["folder"] / "run"), tmp_path, "other", backbone))
+    refused = r"built by another encoder: on its 64 probe images .* agrees on \d+% of the bits"
+    with pytest.raises(retrieval.RetrievalError, match=refused):
+        retrieval.query(other, None, served["images"], again, 5, 6, None, 0, False)
+    with pytest.raises(retrieval.RetrievalError, match=refused):
+        serve.SearchService.open(other, served["index"], served["images"])
+    # an images_*.tflite takes pixels: the probe files are decoded for it as encode_jpeg decodes them
+    (tmp_path / "images_float32.tflite").write_bytes(export.convert_tflite(served["encoder"], "float32",
+                                                                          signature="encode_images"))
+    retrieval.check_same_encoder(index, str(tmp_path / "images_float32.tflite"), again)
+    # an encoder of features only cannot encode the probe images: said in one line, not silently skipped
+    serve.SearchService.open(served["features_only"], served["index"])
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "built from images" in warning[0] and "cannot be checked" in warning[0]
+
+
 def test_stratified_rows_cover_the_classes_in_turn():
     labels = np.repeat(np.arange(3), [5, 1, 4])
     rows = serve.stratified_rows(labels, 6, len(labels))

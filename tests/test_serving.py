@@ -442,6 +442,7 @@ def test_rest_row_and_columnar_formats(exported):
     ({"instances": [[0.0] * DIM, [0.0] * 3]}, "same shape"),
     ({"instances": []}, "non-empty list"),
     ({"instances": [{"feature": [0.0] * DIM}]}, "needs the input"),
+    ({"instances": [{"features": [0.0] * DIM, "bogus": 1}]}, "does not have named input.*bogus; it takes features"),
     ({"instances": [[0.0] * DIM], "inputs": [[0.0] * DIM]}, "exactly one of"),
     ({"signature_name": "nope", "instances": [[0.0] * DIM]}, "signature_name 'nope' not found"),
     ("{not json", "not valid JSON"),
@@ -456,8 +457,9 @@ def test_rest_row_and_columnar_formats(exported):
 ])
 def test_rest_rejects_bad_requests(exported, body, message):
     loaded = tf.saved_model.load(str(exported[1]))
-    with pytest.raises(rest_emulator.RestError, match=message):
+    with pytest.raises(rest_emulator.RestError, match=message) as caught:
         rest_emulator.rest_predict(loaded, body)
+    assert "\n" not in str(caught.value)
 
 
 @pytest.fixture(scope="module")
@@ -478,8 +480,9 @@ def image_export(synthetic_run, tmp_path_factory):
     (["AAAA"], "Unknown image file format"),  # a plain string is taken as the bytes themselves, as TF Serving does
 ])
 def test_rest_rejects_bad_binary_inputs_naming_the_problem(image_export, instances, message):
-    with pytest.raises(rest_emulator.RestError, match=message):
+    with pytest.raises(rest_emulator.RestError, match=message) as caught:
         rest_emulator.rest_predict(image_export, {"signature_name": "encode_jpeg", "instances": instances})
+    assert "\n" not in str(caught.value)
 
 
 def test_rest_rejects_pixels_out_of_range_and_deep_nesting(image_export):

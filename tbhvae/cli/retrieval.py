@@ -12,6 +12,9 @@ file or a training run directory. The database is the train split of the feature
 With `--images` (a JPEG .npz whose rows align with the feature file, e.g.
 cifar10_jpeg.npz) and no `--features`, an image export encodes the JPEG files directly.
 The figure (`tbhvae.retrieval.retrieval_figure`) shows one query per row, then its top-k.
+An index records the encoder that built it (64 of its feature rows or JPEG files with their
+codes); `query` refuses an encoder that codes them differently. An index without that record
+(written by an older tbhvae) is searched with a warning on stderr: rebuild it to have it checked.
 """
 from __future__ import annotations
 
