@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from families import trains_resumes_and_exports
 from tbhvae import train
 from tbhvae.config import Config, ConfigError
-from tbhvae.export.savedmodel import export_saved_model, load_run
 from tbhvae.greedyhash import GreedyHash, greedy_sign, quantisation_penalty, similarity_loss
-from tbhvae.hashing_model import create_model, encode_features
-from test_training import synthetic_features, two_replicas
+from tbhvae.hashing_model import create_model
+from test_training import synthetic_features
 
 SMALL = dict(model="greedyhash", bits=8, batch_size=64, log_every=5, checkpoint_every=10, eval_every=10,
              eval_queries=50, steps_per_execution=5, learning_rate=1e-3)
@@ -49,22 +49,8 @@ def test_the_objective_prefers_codes_that_keep_the_neighbourhoods_over_collapsed
 
 
 def test_greedyhash_trains_under_two_replicas_resumes_and_exports(tmp_path):
-    features = synthetic_features()
-    config = Config(name="gh", steps=20, **SMALL)
-    strategy = two_replicas()
-    metrics = train.train(config, tmp_path / "run", strategy=strategy, feature_set=features)
-    assert metrics["steps"] == 20 and metrics["replicas"] == 2
-    assert set(metrics["final_train_terms"]) >= {"loss", "similarity", "quantisation", "bit_mean"}
-    assert metrics["map@1000"] > 0.3  # 4 clusters: random codes give ~0.25
-    resumed = train.train(config.replace(steps=30), tmp_path / "run", feature_set=features)
-    assert resumed["steps"] == 30
-    trained = load_run(tmp_path / "run")
-    assert isinstance(trained.model, GreedyHash)
-    expected = encode_features(trained.model, features.test_features)
-    version = export_saved_model(trained, tmp_path / "exported", name="gh")
-    loaded = tf.saved_model.load(str(version))
-    got = loaded.signatures["encode_features"](features=tf.constant(features.test_features))["bits"].numpy()
-    np.testing.assert_array_equal(got, expected)
+    trains_resumes_and_exports(Config(name="gh", **SMALL), synthetic_features(), tmp_path, GreedyHash,
+                               {"similarity", "quantisation"}, min_map=0.3)  # 4 clusters: random codes ~0.25
 
 
 def test_a_greedyhash_run_directory_refuses_a_twin_bottleneck_config(tmp_path):

@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tbhvae import train
+from families import trains_resumes_and_exports
 from tbhvae.config import Config, ConfigError
-from tbhvae.export.savedmodel import export_saved_model, load_run
-from tbhvae.hashing_model import create_model, encode_features
+from tbhvae.hashing_model import create_model
 from tbhvae.pseudolabel import PseudoLabelHashing, balance_loss, objective, quantisation_loss
-from test_training import synthetic_features, two_replicas
+from test_training import synthetic_features
 
 SMALL = dict(model="pseudolabel", bits=8, batch_size=64, log_every=5, checkpoint_every=10, eval_every=10,
              eval_queries=50, steps_per_execution=5, learning_rate=1e-2, pseudolabel_clusters=8)
@@ -102,24 +101,13 @@ def test_the_objective_prefers_codes_that_keep_the_clusters_over_collapsed_and_r
 
 def test_pseudolabel_trains_under_two_replicas_resumes_and_exports(tmp_path):
     features = synthetic_features()
-    config = Config(name="pl", steps=20, **SMALL)
-    strategy = two_replicas()
-    metrics = train.train(config, tmp_path / "run", strategy=strategy, feature_set=features)
-    assert metrics["steps"] == 20 and metrics["replicas"] == 2
-    assert set(metrics["final_train_terms"]) >= {"loss", "classification", "balance", "quantisation", "bit_mean"}
-    assert metrics["map@1000"] > 0.3  # 4 clusters: random codes give ~0.25
-    resumed = train.train(config.replace(steps=30), tmp_path / "run", feature_set=features)
-    assert resumed["steps"] == 30
-    trained = load_run(tmp_path / "run")
-    assert isinstance(trained.model, PseudoLabelHashing)
+    config = Config(name="pl", **SMALL)
+    _, trained = trains_resumes_and_exports(config, features, tmp_path, PseudoLabelHashing,
+                                            {"classification", "balance", "quantisation"},
+                                            min_map=0.3)  # 4 clusters: random codes give ~0.25
     fresh = create_model(config, features.dim, len(features.train_features))
     fresh.adapt(features.train_features)  # the checkpoint holds the centroids adapt computed
     np.testing.assert_allclose(trained.model.centroids.numpy(), fresh.centroids.numpy(), rtol=1e-5, atol=1e-5)
-    expected = encode_features(trained.model, features.test_features)
-    version = export_saved_model(trained, tmp_path / "exported", name="pl")
-    loaded = tf.saved_model.load(str(version))
-    got = loaded.signatures["encode_features"](features=tf.constant(features.test_features))["bits"].numpy()
-    np.testing.assert_array_equal(got, expected)
 
 
 def test_create_model_builds_the_family_and_the_config_checks_its_keys():
