@@ -68,6 +68,27 @@ def test_two_replicas_stay_identical_and_learn(tmp_path, bottlenecks, jit):
         assert "total_correlation" in metrics
 
 
+def test_several_steps_per_call_on_two_replicas_end_as_one_step_per_call(tmp_path):
+    """With several replicas the trainer runs its own multi-step loop (`distribute._steps_in_one_call`,
+    Keras's fails there); it must end where one step per call (Keras's loop) ends: the same weights,
+    optimiser and GECO state, and the same logged terms. (Their values may differ: Keras's loop logs
+    each replica's read of the shared trackers inside the step, this loop the trackers after it.)"""
+    features = synthetic_features()
+    runs = {}
+    for spe in (1, 5):
+        config = Config(name="t", steps=10, binary_bottleneck="betatcvae", continuous_bottleneck="geco_vae",
+                        geco_calibration_steps=2, geco_warmup=4, **{**SMALL, "steps_per_execution": spe,
+                                                                   "checkpoint_every": 10, "eval_every": 0})
+        runs[spe] = train.train(config, tmp_path / f"spe{spe}", strategy=two_replicas(), feature_set=features)
+    expected = checkpoint_tensors(tmp_path / "spe1" / "checkpoints" / "ckpt-10")
+    got = checkpoint_tensors(tmp_path / "spe5" / "checkpoints" / "ckpt-10")
+    assert got.keys() == expected.keys() and len(got) > 20
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert runs[5]["final_train_terms"].keys() == runs[1]["final_train_terms"].keys()
+    assert np.isfinite(list(runs[5]["final_train_terms"].values())).all()
+
+
 # One step of plain SGD (update = -lr * gradient, no state) exposes the scale of the gradient that
 # Adam's normalised first step hides. A replica's loss is a function of its half of the global batch
 # only: the batch graph, the critics' and the reconstruction's means and the TC terms are per-replica

@@ -187,19 +187,19 @@ def _steps_in_one_call(model: keras.Model, strategy: tf.distribute.Strategy, ste
     MirroredStrategy ("You must feed a value for placeholder tensor",
     keras-team/keras#19246), and one call per step costs a replica step's
     dispatch each time. The trainer's dataset never ends, so a plain loop of
-    `strategy.run` over the distributed iterator serves; the logged values are
-    the first replica's, as Keras reports them.
+    `strategy.run` over the distributed iterator serves (XLA-compiled per step
+    when the model is). The logs are the model's metrics read once after the
+    loop, in cross-replica context: summed over every replica and worker, so
+    each worker sees the same mean over the global batch, as Keras reports it.
     """
-    def one_step(iterator):
-        outputs = strategy.run(model.train_step, args=(next(iterator),))
-        return tf.nest.map_structure(lambda value: strategy.experimental_local_results(value)[0], outputs)
+    one_step = tf.function(lambda data: strategy.run(model.train_step, args=(data,)),
+                           jit_compile=model.jit_compile)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function
     def train_function(iterator):
-        outputs = one_step(iterator)
-        for _ in tf.range(steps - 1):
-            outputs = one_step(iterator)
-        return outputs
+        for _ in tf.range(steps):
+            one_step(next(iterator))
+        return {metric.name: metric.result() for metric in model.metrics}
 
     def make_train_function(force=False):
         model.train_function = train_function
