@@ -123,7 +123,9 @@ class DistillHash(HashingModel):
         first = rng.integers(0, len(features), ADAPT_PAIRS)
         second = (first + rng.integers(1, len(features), ADAPT_PAIRS)) % len(features)  # never first
         unit = features / np.maximum(np.linalg.norm(features.astype(np.float32), axis=1, keepdims=True), 1e-12)
-        distances = 1.0 - np.sum(unit[first] * unit[second], axis=1, dtype=np.float64)
+        distances = np.concatenate([  # in chunks of pairs: two [P, D] gathers of every pair would take GBs
+            1.0 - np.einsum("pd,pd->p", unit[first[i:i + 8192]], unit[second[i:i + 8192]], dtype=np.float64)
+            for i in range(0, ADAPT_PAIRS, 8192)])
         self.similar_cosine.assign(1.0 - ssdh_similar_distance(distances, self.config.distillhash_alpha))
 
     def hash_logits(self, features):

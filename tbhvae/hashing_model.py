@@ -44,7 +44,8 @@ class HashingModel(keras.Model):
         raise NotImplementedError
 
     def adapt(self, features: np.ndarray) -> None:
-        """Sets the constants derived from the training features float [N, D] (none by default)."""
+        """Sets the constants derived from the training features float [N, D] (none by default). They
+        must be variables of the model: a resumed run restores them from its checkpoint and skips this."""
 
     @property
     def critics(self) -> list:

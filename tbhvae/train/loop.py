@@ -77,14 +77,14 @@ def _train_in(run: RunDirectory, config: Config, strategy: tf.distribute.Strateg
     if chief:
         run.remove_partial_saves()
     keras.utils.set_random_seed(config.seed)
-    model, actor, critic = build_model(config, feature_set, strategy)
+    latest = None if fresh else run.resume_checkpoint()
+    model, actor, critic = build_model(config, feature_set, strategy, adapt=latest is None)
     with tf.device("CPU:0"):  # host-side bookkeeping, identical on every worker: not mirrored
         totals = tf.Variable(json.dumps(EMPTY_TOTALS), dtype=tf.string, trainable=False)
     checkpoint = tf.train.Checkpoint(model=model, actor_optimizer=actor, run_totals=totals,
                                      **({"critic_optimizer": critic} if model.critics else {}))
     # Every worker resumes from the chief's checkpoints; a non-chief saves (saving may
     # involve collectives) into a private directory removed at the end.
-    latest = None if fresh else run.resume_checkpoint()
     if latest:
         _restore(checkpoint, latest)
         if chief:
@@ -129,11 +129,13 @@ def features_extractor(config: Config, feature_set: FeatureSet) -> dict | None:
     return {"backbone": declared, "weights": "imagenet", "input_size": None}
 
 
-def build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribute.Strategy):
-    """The model adapted to the train features and compiled with fresh optimisers: (model, actor, critic)."""
+def build_model(config: Config, feature_set: FeatureSet, strategy: tf.distribute.Strategy, adapt: bool = True):
+    """The model compiled with fresh optimisers: (model, actor, critic). `adapt`: fit its constants to the
+    train features (`HashingModel.adapt`); a run that restores a checkpoint skips it, the checkpoint holds them."""
     with strategy.scope():
         model = create_model(config, feature_set.dim, len(feature_set.train_features))
-        model.adapt(feature_set.train_features)
+        if adapt:
+            model.adapt(feature_set.train_features)
         actor = FusedAdam(actor_learning_rate(config), name="actor_adam")
         critic = FusedAdam(config.critic_learning_rate, name="critic_adam")
         if config.mixed_precision == "mixed_float16":
