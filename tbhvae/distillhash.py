@@ -50,7 +50,6 @@ import tensorflow as tf
 
 from tbhvae import layers as tbh_layers
 from tbhvae.config import Config
-from tbhvae.greedyhash import pairwise_cosine
 from tbhvae.hashing_model import HashingModel
 
 ADAPT_PAIRS = 200_000  # random pairs for the distance statistics: the mode and sigma to ~0.01 at any N
@@ -136,7 +135,7 @@ class DistillHash(HashingModel):
 
     def step_losses(self, features, seed) -> dict:
         h = self.hash_logits(features)
-        labels, kept = distill_pairs(pairwise_cosine(tf.cast(features, tf.float32)), self.similar_cosine,
+        labels, kept = distill_pairs(tbh_layers.pairwise_cosine(tf.cast(features, tf.float32)), self.similar_cosine,
                                      self.config.distillhash_neighbours)
         pairs = tf.cast(tf.size(kept) - tf.shape(kept)[0], tf.float32)
         return {"loss": pair_likelihood_loss(tf.tanh(h), labels, kept),

@@ -29,19 +29,13 @@ def greedy_sign(h: tf.Tensor) -> tf.Tensor:
     return h + tf.stop_gradient(tf.sign(h) - h)
 
 
-def pairwise_cosine(rows: tf.Tensor) -> tf.Tensor:
-    """Cosine similarity of every pair of rows: float32 [B, K] -> [B, B]."""
-    unit = tf.math.l2_normalize(rows, axis=-1)
-    return tf.matmul(unit, unit, transpose_b=True)
-
-
 def similarity_loss(codes: tf.Tensor, features: tf.Tensor) -> tf.Tensor:
     """Mean squared difference of code and feature cosines over the pairs i != j (scalar).
 
     codes float32 [B, M] in {-1, 1} (their cosine is b_i . b_j / M), features float32 [B, D].
     """
     bits = tf.cast(tf.shape(codes)[1], tf.float32)
-    error = tf.square(tf.matmul(codes, codes, transpose_b=True) / bits - pairwise_cosine(features))
+    error = tf.square(tf.matmul(codes, codes, transpose_b=True) / bits - tbh_layers.pairwise_cosine(features))
     batch = tf.cast(tf.shape(codes)[0], tf.float32)
     return (tf.reduce_sum(error) - tf.reduce_sum(tf.linalg.diag_part(error))) / (batch * (batch - 1.0))
 

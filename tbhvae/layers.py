@@ -146,6 +146,12 @@ class AnchorGraph(keras.layers.Layer):
         return inv_sqrt_diagonal[:, None] * graph * inv_sqrt_diagonal[None, :]
 
 
+def pairwise_cosine(rows):
+    """Cosine similarity of every pair of rows: float32 [B, K] -> [B, B]."""
+    unit = tf.math.l2_normalize(rows, axis=-1)
+    return tf.matmul(unit, unit, transpose_b=True)
+
+
 def centred_cosine_similarity(features):
     """Cosine similarity of the batch's rows after removing the batch mean: [B, D] -> [B, B] in [-1, 1]."""
     features = tf.cast(features, tf.float32)

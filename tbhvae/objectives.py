@@ -62,10 +62,15 @@ def tc_floor(bits, support):
     return tf.nn.relu(tf.cast(bits, tf.float32) * math.log(2.0) - tf.math.log(tf.cast(support, tf.float32)))
 
 
+def bernoulli_entropy(probs):
+    """H(Bernoulli(p)) in nats, elementwise (p clipped to [1e-7, 1 - 1e-7], so a constant bit is finite)."""
+    probs = tf.clip_by_value(probs, 1e-7, 1.0 - 1e-7)
+    return -(probs * tf.math.log(probs) + (1.0 - probs) * tf.math.log(1.0 - probs))
+
+
 def _bernoulli_entropy_sum(probs):
     """sum_k H(Bernoulli(p_k)) in nats: probs [M] -> scalar."""
-    probs = tf.clip_by_value(probs, 1e-7, 1.0 - 1e-7)
-    return -tf.reduce_sum(probs * tf.math.log(probs) + (1.0 - probs) * tf.math.log(1.0 - probs))
+    return tf.reduce_sum(bernoulli_entropy(probs))
 
 
 def tc_decomposition(codes, logits, dataset_size: int, estimator: str, marginals: str = "estimator"):

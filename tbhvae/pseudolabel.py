@@ -37,11 +37,12 @@ import numpy as np
 import tensorflow as tf
 
 from tbhvae import layers as tbh_layers
+from tbhvae import objectives
+from tbhvae.baselines.base import squared_distances
 from tbhvae.config import Config, ConfigError
 from tbhvae.hashing_model import HashingModel
 
 KMEANS_MAX_ITERATIONS = 100  # Lloyd rounds if the assignment has not settled before
-ENTROPY_EPSILON = 1e-7  # keeps log(p) finite for a constant bit
 
 
 def kmeans(rows: np.ndarray, clusters: int, rng: np.random.Generator,
@@ -49,22 +50,17 @@ def kmeans(rows: np.ndarray, clusters: int, rng: np.random.Generator,
     """Centroids float32 [K, D] of rows float [N, D]: k-means++ seeding, then Lloyd until no row changes
     cluster; an empty cluster keeps its centroid."""
     rows = np.asarray(rows, np.float32)
-    row_norms = np.einsum("nd,nd->n", rows, rows)
-
-    def squared_distances(centres):  # [N, len(centres)], clipped at 0
-        return np.maximum(row_norms[:, None] - 2.0 * rows @ centres.T + np.einsum("kd,kd->k", centres, centres), 0.0)
-
     centres = np.empty((clusters, rows.shape[1]), np.float32)
     centres[0] = rows[rng.integers(len(rows))]
-    nearest = squared_distances(centres[:1])[:, 0]
+    nearest = squared_distances(rows, centres[:1])[:, 0]
     for k in range(1, clusters):
         total = float(nearest.sum())
         pick = rng.choice(len(rows), p=nearest / total) if total > 0 else rng.integers(len(rows))
         centres[k] = rows[pick]
-        nearest = np.minimum(nearest, squared_distances(centres[k:k + 1])[:, 0])
+        nearest = np.minimum(nearest, squared_distances(rows, centres[k:k + 1])[:, 0])
     assignment = None
     for _ in range(max_iterations):
-        updated = np.argmin(squared_distances(centres), axis=1)
+        updated = np.argmin(squared_distances(rows, centres), axis=1)
         if assignment is not None and np.array_equal(updated, assignment):
             break
         assignment = updated
@@ -83,16 +79,10 @@ def nearest_centroid(features: tf.Tensor, centroids: tf.Tensor) -> tf.Tensor:
     return tf.argmin(squared, axis=1, output_type=tf.int32)
 
 
-def binary_entropy(p: tf.Tensor) -> tf.Tensor:
-    """Entropy in nats of Bernoulli(p), elementwise."""
-    p = tf.clip_by_value(p, ENTROPY_EPSILON, 1.0 - ENTROPY_EPSILON)
-    return -(p * tf.math.log(p) + (1.0 - p) * tf.math.log(1.0 - p))
-
-
 def balance_loss(h: tf.Tensor) -> tf.Tensor:
     """log 2 - mean over bits of the entropy of the bit's batch mean (scalar, nats, in [0, log 2]);
     h float32 [B, M] in [0, 1]."""
-    return math.log(2.0) - tf.reduce_mean(binary_entropy(tf.reduce_mean(h, axis=0)))
+    return math.log(2.0) - tf.reduce_mean(objectives.bernoulli_entropy(tf.reduce_mean(h, axis=0)))
 
 
 def quantisation_loss(h: tf.Tensor) -> tf.Tensor:

@@ -8,6 +8,7 @@ from scipy.linalg import hadamard
 from scipy.stats import norm
 
 from families import trains_resumes_and_exports
+from tbhvae import layers as tbh_layers
 from tbhvae.config import Config, ConfigError
 from tbhvae.data import FeatureSet
 from tbhvae.distillhash import (
@@ -17,7 +18,6 @@ from tbhvae.distillhash import (
     pair_likelihood_loss,
     ssdh_similar_distance,
 )
-from tbhvae.greedyhash import pairwise_cosine
 from tbhvae.hashing_model import create_model
 from test_training import two_replicas
 
@@ -103,7 +103,7 @@ def test_the_objective_prefers_codes_that_keep_the_clusters_over_collapsed_and_r
     features, labels = clustered(per_cluster=12)
     model = DistillHash(Config(model="distillhash"), 64, len(features))
     model.adapt(features)
-    pair_labels, kept = distill_pairs(pairwise_cosine(tf.constant(features)), model.similar_cosine, 5)
+    pair_labels, kept = distill_pairs(tbh_layers.pairwise_cosine(tf.constant(features)), model.similar_cosine, 5)
     assert float(tf.reduce_sum(kept * pair_labels)) > 0 and float(tf.reduce_sum(kept * (1 - pair_labels))) > 0
     rng = np.random.default_rng(1)
     codes = {"kept": hadamard(16)[:10][labels],  # one code per cluster, orthogonal across clusters

@@ -36,7 +36,7 @@ def _principal_components(centred: np.ndarray, count: int) -> tuple[np.ndarray, 
     return directions[:, order].astype(np.float32), variances[order]
 
 
-def _squared_distances(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+def squared_distances(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
     """Squared Euclidean distances [n, k] between rows [n, D] and centres [k, D], clipped at 0."""
     distances = (
         np.einsum("ij,ij->i", rows, rows)[:, None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tbhvae.baselines.base import HashingBaseline, _principal_components, _squared_distances
+from tbhvae.baselines.base import HashingBaseline, _principal_components, squared_distances
 
 MAX_BITS_PER_SUBSPACE = 8  # 2^8 = 256 codewords per subspace
 BFGS_MAX_ITERATIONS = 100
@@ -131,7 +131,7 @@ class _Subspace:
         self.sums = np.stack([self.data[assignment == j].sum(axis=0) for j in range(k)])
 
     def _distances_between_codewords(self) -> np.ndarray:
-        return np.sqrt(_squared_distances(self.codewords, self.codewords))
+        return np.sqrt(squared_distances(self.codewords, self.codewords))
 
     def _hamming_between_codewords(self, index_of: np.ndarray | None = None) -> np.ndarray:
         index_of = self.index_of if index_of is None else index_of
@@ -331,6 +331,6 @@ class KMH(HashingBaseline):
         centred = rows - self.mean_
         parts = []
         for projection, codewords, table in zip(self.projections_, self.codewords_, self.codeword_bits_):
-            nearest = np.argmin(_squared_distances(centred @ projection, codewords), axis=1)
+            nearest = np.argmin(squared_distances(centred @ projection, codewords), axis=1)
             parts.append(table[nearest])
         return np.concatenate(parts, axis=1).astype(np.float32) * 2.0 - 1.0

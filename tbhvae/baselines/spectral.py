@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tbhvae.baselines.base import HashingBaseline, _principal_components, _random_rows, _squared_distances
+from tbhvae.baselines.base import HashingBaseline, _principal_components, _random_rows, squared_distances
 
 
 class SH(HashingBaseline):
@@ -111,7 +111,7 @@ class AGH(HashingBaseline):
         """Lloyd's k-means from random rows; empty clusters restart at random rows."""
         centres = sample[rng.choice(sample.shape[0], size=self.anchors, replace=False)].copy()
         for _ in range(self.kmeans_iterations):
-            assignment = np.argmin(_squared_distances(sample, centres), axis=1)
+            assignment = np.argmin(squared_distances(sample, centres), axis=1)
             counts = np.bincount(assignment, minlength=self.anchors)
             sums = np.zeros_like(centres)
             np.add.at(sums, assignment, sample)
@@ -122,7 +122,7 @@ class AGH(HashingBaseline):
 
     def _nearest_anchors(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Indices int [n, s] and squared distances [n, s] of each row's s nearest anchors, nearest first."""
-        squared = _squared_distances(rows, self.anchors_)
+        squared = squared_distances(rows, self.anchors_)
         nearest = np.argpartition(squared, self.nearest_anchors - 1, axis=1)[:, :self.nearest_anchors]
         nearest_squared = np.take_along_axis(squared, nearest, axis=1)
         order = np.argsort(nearest_squared, axis=1)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tbhvae.baselines.base import HashingBaseline, _random_rows, _squared_distances
+from tbhvae.baselines.base import HashingBaseline, _random_rows, squared_distances
 
 PIVOT_START_ROWS = 5
 
@@ -52,7 +52,7 @@ class SpherH(HashingBaseline):
         off_diagonal = ~np.eye(self.bits, dtype=bool)
         self.iterations_ = 0
         while self.bits > 1 and self.iterations_ < self.max_iterations:
-            distances = np.sqrt(_squared_distances(sample, pivots))
+            distances = np.sqrt(squared_distances(sample, pivots))
             inside = (distances <= np.median(distances, axis=0)).astype(np.float64)
             overlaps = inside.T @ inside
             deviation = np.abs(overlaps[off_diagonal] - quarter)
@@ -65,9 +65,9 @@ class SpherH(HashingBaseline):
             pivots += (pivots * weights.sum(axis=1, keepdims=True) - weights @ pivots) / self.bits
             self.iterations_ += 1
         self.pivots_ = pivots.astype(np.float32)
-        self.radii_ = np.median(np.sqrt(_squared_distances(sample, pivots)), axis=0).astype(np.float32)
+        self.radii_ = np.median(np.sqrt(squared_distances(sample, pivots)), axis=0).astype(np.float32)
 
     def _scores(self, rows):
         # >= 0 inside the sphere; nudged so that the boundary itself counts as inside.
-        return self.radii_ ** 2 - _squared_distances(rows, self.pivots_) + 1e-6
+        return self.radii_ ** 2 - squared_distances(rows, self.pivots_) + 1e-6
 
