@@ -44,13 +44,12 @@ Choices where this differs from the paper and its code, for frozen features and 
 """
 from __future__ import annotations
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from tbhvae import layers as tbh_layers
 from tbhvae.config import Config
-from tbhvae.hashing_model import HashingModel
+from tbhvae.hashing_model import LinearHashModel
 
 ADAPT_PAIRS = 200_000  # random pairs for the distance statistics: the mode and sigma to ~0.01 at any N
 HISTOGRAM_BIN = 0.01  # cosine-distance bin width of the mode (SSDH's code: 100 bins over [0, 1])
@@ -104,20 +103,18 @@ def pair_likelihood_loss(u: tf.Tensor, labels: tf.Tensor, kept: tf.Tensor) -> tf
     return tf.reduce_sum(kept * nll) / (batch * (batch - 1.0))
 
 
-class DistillHash(HashingModel):
+class DistillHash(LinearHashModel):
     """One linear hash layer, tanh relaxation, trained on the batch's distilled pairs; bits = 1[h > 0]."""
 
     def __init__(self, config: Config, input_dim: int, dataset_size: int, **kwargs):
         super().__init__(config, input_dim, dataset_size, **kwargs)
-        self.scaling = tbh_layers.InputScaling(config.input_scaling, input_dim, name="input_scaling")
-        self.hash_layer = keras.layers.Dense(config.bits, name="hash_layer")
         # c_s: cosine at and above which a pair's initial label is similar (set by `adapt`)
         self.similar_cosine = self.add_weight(shape=(), initializer="ones", trainable=False, dtype="float32",
                                               name="similar_cosine")
 
     def adapt(self, features: np.ndarray) -> None:
         """Input scaling and SSDH's threshold from ADAPT_PAIRS random pairs i != j of features float [N, D]."""
-        self.scaling.adapt(features)
+        super().adapt(features)
         rng = np.random.default_rng(self.config.seed)
         first = rng.integers(0, len(features), ADAPT_PAIRS)
         second = (first + rng.integers(1, len(features), ADAPT_PAIRS)) % len(features)  # never first
@@ -126,9 +123,6 @@ class DistillHash(HashingModel):
             1.0 - np.einsum("pd,pd->p", unit[first[i:i + 8192]], unit[second[i:i + 8192]], dtype=np.float64)
             for i in range(0, ADAPT_PAIRS, 8192)])
         self.similar_cosine.assign(1.0 - ssdh_similar_distance(distances, self.config.distillhash_alpha))
-
-    def hash_logits(self, features):
-        return tf.cast(self.hash_layer(self.scaling(features)), tf.float32)
 
     def logged_names(self) -> list[str]:
         return ["loss", "kept_similar", "kept_dissimilar", "bit_mean"]

@@ -15,13 +15,10 @@ The cubic penalty's weight 0.1 is the code's (`Config.greedyhash_penalty_weight`
 """
 from __future__ import annotations
 
-import keras
-import numpy as np
 import tensorflow as tf
 
 from tbhvae import layers as tbh_layers
-from tbhvae.config import Config
-from tbhvae.hashing_model import HashingModel
+from tbhvae.hashing_model import LinearHashModel
 
 
 def greedy_sign(h: tf.Tensor) -> tf.Tensor:
@@ -45,19 +42,8 @@ def quantisation_penalty(h: tf.Tensor) -> tf.Tensor:
     return tf.reduce_mean(tf.abs(tf.abs(h) - 1.0) ** 3)
 
 
-class GreedyHash(HashingModel):
+class GreedyHash(LinearHashModel):
     """One linear hash layer trained with the greedy sign; bits = 1[h > 0]."""
-
-    def __init__(self, config: Config, input_dim: int, dataset_size: int, **kwargs):
-        super().__init__(config, input_dim, dataset_size, **kwargs)
-        self.scaling = tbh_layers.InputScaling(config.input_scaling, input_dim, name="input_scaling")
-        self.hash_layer = keras.layers.Dense(config.bits, name="hash_layer")
-
-    def adapt(self, features: np.ndarray) -> None:
-        self.scaling.adapt(features)
-
-    def hash_logits(self, features):
-        return tf.cast(self.hash_layer(self.scaling(features)), tf.float32)
 
     def logged_names(self) -> list[str]:
         return ["loss", "similarity", "quantisation", "bit_mean"]

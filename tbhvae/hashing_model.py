@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tbhvae import layers as tbh_layers
 from tbhvae.config import Config
 
 
@@ -131,6 +132,25 @@ class HashingModel(keras.Model):
         """FLOP of one training step per example from the Dense kernels: 3 x 2 x MACs (forward and
         a backward of about twice the forward). Families add their batch products. Needs a built model."""
         return 6.0 * sum(int(np.prod(v.shape)) for v in self.trainable_variables if len(v.shape) == 2)
+
+
+class LinearHashModel(HashingModel):
+    """A hash head on fixed features: the input scaling, then one Dense layer of M logits; bits = 1[h > 0].
+
+    The families whose papers fine-tune a CNN under such a head (GreedyHash, PseudoLabel, DistillHash)
+    train it here on frozen features; they add their losses (and any constants of their own).
+    """
+
+    def __init__(self, config: Config, input_dim: int, dataset_size: int, **kwargs):
+        super().__init__(config, input_dim, dataset_size, **kwargs)
+        self.scaling = tbh_layers.InputScaling(config.input_scaling, input_dim, name="input_scaling")
+        self.hash_layer = keras.layers.Dense(config.bits, name="hash_layer")  # h = x W + c
+
+    def adapt(self, features: np.ndarray) -> None:
+        self.scaling.adapt(features)
+
+    def hash_logits(self, features):
+        return tf.cast(self.hash_layer(self.scaling(features)), tf.float32)
 
 
 # config.model -> (module, class) of the family; imported on use (the families import this module)

@@ -36,11 +36,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tbhvae import layers as tbh_layers
 from tbhvae import objectives
 from tbhvae.baselines.base import squared_distances
 from tbhvae.config import Config, ConfigError
-from tbhvae.hashing_model import HashingModel
+from tbhvae.hashing_model import LinearHashModel
 
 KMEANS_MAX_ITERATIONS = 100  # Lloyd rounds if the assignment has not settled before
 
@@ -106,13 +105,11 @@ def objective(h: tf.Tensor, class_logits: tf.Tensor, labels: tf.Tensor, balance_
     return terms
 
 
-class PseudoLabelHashing(HashingModel):
+class PseudoLabelHashing(LinearHashModel):
     """Sigmoid hash layer + softmax classifier over k-means pseudo labels; bits = 1[h > 1/2]."""
 
     def __init__(self, config: Config, input_dim: int, dataset_size: int, **kwargs):
         super().__init__(config, input_dim, dataset_size, **kwargs)
-        self.scaling = tbh_layers.InputScaling(config.input_scaling, input_dim, name="input_scaling")
-        self.hash_layer = keras.layers.Dense(config.bits, name="hash_layer")  # pre-sigmoid logits
         self.classifier = keras.layers.Dense(config.pseudolabel_clusters, name="classifier")
         self.centroids = self.add_weight(shape=(config.pseudolabel_clusters, input_dim), initializer="zeros",
                                          trainable=False, dtype="float32", name="centroids")
@@ -122,7 +119,7 @@ class PseudoLabelHashing(HashingModel):
         if len(features) < self.config.pseudolabel_clusters:
             raise ConfigError(f"config key 'pseudolabel_clusters' ({self.config.pseudolabel_clusters}) must be "
                               f"at most the number of training rows ({len(features)})")
-        self.scaling.adapt(features)
+        super().adapt(features)
         scaled = np.concatenate([tf.cast(self.scaling(features[i:i + 8192]), tf.float32).numpy()
                                  for i in range(0, len(features), 8192)])
         self.centroids.assign(kmeans(scaled, self.config.pseudolabel_clusters,
@@ -131,9 +128,6 @@ class PseudoLabelHashing(HashingModel):
     def pseudo_labels(self, features) -> tf.Tensor:
         """The k-means cluster int32 [B] of features float [B, D]."""
         return nearest_centroid(tf.cast(self.scaling(features), tf.float32), tf.convert_to_tensor(self.centroids))
-
-    def hash_logits(self, features):
-        return tf.cast(self.hash_layer(self.scaling(features)), tf.float32)
 
     def build_variables(self) -> None:
         self.classifier(tf.sigmoid(self.hash_logits(tf.zeros([2, self.input_dim]))))

@@ -6,9 +6,9 @@ import tensorflow as tf
 
 from families import trains_resumes_and_exports
 from tbhvae import train
-from tbhvae.config import Config, ConfigError
+from tbhvae.config import CHOICES, Config, ConfigError
 from tbhvae.greedyhash import GreedyHash, greedy_sign, quantisation_penalty, similarity_loss
-from tbhvae.hashing_model import create_model
+from tbhvae.hashing_model import FAMILIES, create_model
 from test_training import synthetic_features
 
 SMALL = dict(model="greedyhash", bits=8, batch_size=64, log_every=5, checkpoint_every=10, eval_every=10,
@@ -64,5 +64,6 @@ def test_a_greedyhash_run_directory_refuses_a_twin_bottleneck_config(tmp_path):
 def test_create_model_builds_the_family_the_config_names():
     assert isinstance(create_model(Config(model="greedyhash"), 24, 100), GreedyHash)
     assert type(create_model(Config(), 24, 100)).__name__ == "TwinBottleneckHashing"
+    assert set(FAMILIES) == set(CHOICES["model"])  # every family the config accepts can be built
     with pytest.raises(ConfigError, match="greedyhash_penalty_weight"):
         Config(model="greedyhash", greedyhash_penalty_weight=-1.0).validate()
