@@ -62,6 +62,37 @@ def check_features(features, name: str, dim: int | None = None, error: type[Exce
     return array
 
 
+def split_files(data, offsets, data_key: str, offsets_key: str, allow_empty: bool = False) -> list[bytes]:
+    """Files stored as one array: uint8 [total] bytes + int [n + 1] bounds (0, ..., total) -> n files.
+
+    The layout of a JPEG .npz (`{split}_bytes` / `{split}_offsets`) and of an index's image probe;
+    raises ValueError naming the keys when the arrays do not hold n >= 1 consecutive files (non-empty
+    unless `allow_empty`).
+    """
+    data, offsets = np.asarray(data), np.asarray(offsets)
+    if data.ndim != 1 or data.dtype != np.uint8:
+        raise ValueError(f"'{data_key}' must be a 1-D uint8 array, got shape {data.shape} dtype {data.dtype}")
+    if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) < 2:
+        raise ValueError(f"'{offsets_key}' must be a 1-D integer array of n + 1 >= 2 offsets, got shape "
+                         f"{offsets.shape} dtype {offsets.dtype}")
+    if offsets[0] != 0 or offsets[-1] != len(data):
+        raise ValueError(f"'{offsets_key}' must start at 0 and end at len({data_key}) = {len(data)}, got "
+                         f"{offsets[0]} .. {offsets[-1]}")
+    sizes = np.diff(offsets)
+    bad = np.flatnonzero(sizes < 0 if allow_empty else sizes <= 0)
+    if bad.size:
+        order = "non-decreasing" if allow_empty else "strictly increasing"
+        raise ValueError(f"'{offsets_key}' must be {order}, but image {bad[0]} has {sizes[bad[0]]} bytes")
+    buffer = data.tobytes()
+    return [buffer[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+
+
+def join_files(files) -> tuple[np.ndarray, np.ndarray]:
+    """n files (bytes) -> (uint8 [total] bytes, int64 [n + 1] bounds): the layout `split_files` reads."""
+    offsets = np.concatenate([[0], np.cumsum([len(file) for file in files])]).astype(np.int64)
+    return np.frombuffer(b"".join(files), np.uint8), offsets
+
+
 def check_writable(path: str | os.PathLike, name: str, error: type[Exception] = ValueError,
                    directory: bool = False) -> Path:
     """Raises `error` unless `path` (a file, or a directory when `directory`) can be written.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tbhvae import search
-from tbhvae.checks import atomic_path, check_count, check_labels, open_npz
+from tbhvae.checks import atomic_path, check_count, check_labels, join_files, open_npz, split_files
 from tbhvae.codes import check_bits, database_words, num_bytes, to_words, unpack_codes
 
 FORMAT_NAME = "tbhvae.hamming_index"
@@ -137,9 +137,8 @@ class EncoderProbe:
         probe_jpeg_offsets (concatenated files uint8 and int64 [P + 1] bounds, no pickle)."""
         if self.kind == "features":
             return {"probe_inputs": self.inputs, "probe_codes": self.codes}
-        offsets = np.concatenate([[0], np.cumsum([len(file) for file in self.inputs])]).astype(np.int64)
-        return {"probe_jpeg_bytes": np.frombuffer(b"".join(self.inputs), np.uint8),
-                "probe_jpeg_offsets": offsets, "probe_codes": self.codes}
+        data, offsets = join_files(self.inputs)
+        return {"probe_jpeg_bytes": data, "probe_jpeg_offsets": offsets, "probe_codes": self.codes}
 
     @classmethod
     def from_arrays(cls, contents) -> "EncoderProbe | None":
@@ -148,13 +147,12 @@ class EncoderProbe:
             return cls(contents["probe_inputs"], contents["probe_codes"])
         if "probe_jpeg_bytes" not in contents:
             return None
-        data, offsets = contents["probe_jpeg_bytes"], np.asarray(contents["probe_jpeg_offsets"])
-        if (data.ndim != 1 or data.dtype != np.uint8 or offsets.ndim != 1 or offsets.dtype.kind not in "iu"
-                or offsets.size < 1 or offsets[0] != 0
-                or offsets[-1] != data.size or np.any(np.diff(offsets) < 0)):
-            raise ValueError("probe_jpeg_bytes / probe_jpeg_offsets do not hold consecutive files")
-        return cls(tuple(data[a:b].tobytes() for a, b in zip(offsets[:-1], offsets[1:])), contents["probe_codes"],
-                   kind="jpeg")
+        try:
+            files = split_files(contents["probe_jpeg_bytes"], contents["probe_jpeg_offsets"], "probe_jpeg_bytes",
+                                "probe_jpeg_offsets", allow_empty=True)
+        except ValueError as err:
+            raise ValueError(f"probe_jpeg_bytes / probe_jpeg_offsets do not hold consecutive files ({err})") from None
+        return cls(tuple(files), contents["probe_codes"], kind="jpeg")
 
 
 class HammingIndex:

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tbhvae.checks import check_labels, first_line
+from tbhvae.checks import check_labels, first_line, split_files
 from tbhvae.data.features import DataError
 
 SPLITS = ("train", "test")
@@ -155,22 +155,11 @@ class JpegNpzSource(ImageSource):
 
 def _split_jpeg_bytes(path: Path, split: str, encoded: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """uint8 [total] bytes + int [n + 1] offsets -> object array [n] of one JPEG file each."""
-    if encoded.ndim != 1 or encoded.dtype != np.uint8:
-        raise DataError(f"{path}: '{split}_bytes' must be a 1-D uint8 array, got shape "
-                        f"{encoded.shape} dtype {encoded.dtype}")
-    if offsets.ndim != 1 or not np.issubdtype(offsets.dtype, np.integer) or len(offsets) < 2:
-        raise DataError(f"{path}: '{split}_offsets' must be a 1-D integer array of n + 1 >= 2 "
-                        f"offsets, got shape {offsets.shape} dtype {offsets.dtype}")
-    if offsets[0] != 0 or offsets[-1] != len(encoded):
-        raise DataError(f"{path}: '{split}_offsets' must start at 0 and end at len({split}_bytes) "
-                        f"= {len(encoded)}, got {offsets[0]} .. {offsets[-1]}")
-    empty = np.flatnonzero(np.diff(offsets) <= 0)
-    if empty.size:
-        raise DataError(f"{path}: '{split}_offsets' must be strictly increasing, but image "
-                        f"{empty[0]} has {offsets[empty[0] + 1] - offsets[empty[0]]} bytes")
-    buffer = encoded.tobytes()
-    return np.array([buffer[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())],
-                    dtype=object)
+    try:
+        files = split_files(encoded, offsets, f"{split}_bytes", f"{split}_offsets")
+    except ValueError as err:
+        raise DataError(f"{path}: {err}") from None
+    return np.array(files, dtype=object)
 
 
 def _check_image_labels(path: Path, split: str, labels: np.ndarray, count: int,
