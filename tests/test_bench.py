@@ -121,3 +121,22 @@ def test_second_features_are_the_pooled_last_block_of_stratified_rows(cifar_jpeg
         assert len(np.unique(labels[rows])) == len(np.unique(labels))  # stratified: every class
     assert features.extractor == {"backbone": "efficientnet_lite0:block15_project_bn", "weights": "imagenet",
                                   "input_size": 64}
+
+
+def test_bit_thresholds_reproduce_the_run_at_zero_and_balance_every_bit_at_the_median(tmp_path):
+    from bench import bit_thresholds
+    from tbhvae import train
+    from tbhvae.config import Config
+
+    features = clustered_features(tmp_path / "tiny.npz")
+    config = Config(bits=8, hidden_dim=32, continuous_dim=16, batch_size=64, steps=10, steps_per_execution=5,
+                    log_every=5, eval_every=0, jit_compile="false", features=str(features))
+    metrics = train.train(config, tmp_path / "run")
+    results = bit_thresholds.main(["--model_dir", str(tmp_path / "run"), "--features", str(features),
+                                   "--json", str(tmp_path / "thresholds.json")])
+    assert list(results) == ["zero", "halfway", "median"]
+    # threshold 0 is the model's own codes: the run's q10k figure and statistics
+    assert results["zero"]["map@1000"] == pytest.approx(metrics["map@1000"], abs=1e-9)
+    assert results["zero"]["distinct_codes"] == metrics["distinct_codes"]
+    assert results["median"]["bit_balance"] == pytest.approx(1.0)  # 400 rows: 200 on each side of every median
+    assert json.loads((tmp_path / "thresholds.json").read_text())["thresholds"]["halfway"] == results["halfway"]
