@@ -61,7 +61,7 @@ def test_geco_bounds_its_steps_and_its_range():
 
 def test_an_unreachable_tolerance_leaves_the_multiplier_within_the_default_range():
     """A tolerance the decoder never meets (another dataset than the one kappa's factor suits) must not let
-    lambda grow until the reconstruction drowns every other term: the default range stops it at ~12x the
+    lambda grow until the reconstruction drowns every other term: the default range stops it at ~33x the
     Gaussian likelihood weight D / 2 (it was ~1100x, and mAP fell as lambda climbed)."""
     dim = 320
     geco = make_geco(input_dim=dim, geco_rate=1.0, geco_max_log_step=0.05)
@@ -69,7 +69,7 @@ def test_an_unreachable_tolerance_leaves_the_multiplier_within_the_default_range
         geco.update(step, tf.constant(1.0))  # MSE 1 against kappa^2 = 0.01: C = 99 at every step
     ratio = float(geco.multiplier.numpy()) / (dim / 2)
     assert ratio == pytest.approx(np.exp(Config().geco_log_lambda_range), rel=1e-4)
-    assert ratio < 20
+    assert ratio < 50
 
 
 def test_geco_waits_for_warmup_and_calibrates_kappa():
