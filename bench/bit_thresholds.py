@@ -34,16 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     from tbhvae import evaluation
     from tbhvae.data import load_features
     from tbhvae.export.savedmodel import load_run
+    from tbhvae.hashing_model import encode_features
     from tbhvae.protocol import select_queries
 
     model = load_run(args.model_dir).model
     feature_set = load_features(args.features)
-
-    def logits(rows):
-        return np.concatenate([model.hash_logits(rows[i:i + 4096]).numpy() for i in range(0, len(rows), 4096)])
-
     queries = select_queries(feature_set.test_labels, "q10k")
-    db_logits, query_logits = logits(feature_set.train_features), logits(feature_set.test_features[queries])
+    db_logits = encode_features(model, feature_set.train_features, output="logits")
+    query_logits = encode_features(model, feature_set.test_features[queries], output="logits")
     median = np.median(db_logits, axis=0)
     results = {}
     for name, threshold in (("zero", np.zeros_like(median)), ("halfway", median / 2), ("median", median)):

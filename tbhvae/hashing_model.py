@@ -169,15 +169,21 @@ def create_model(config: Config, input_dim: int, dataset_size: int) -> HashingMo
     return getattr(importlib.import_module(module), name)(config, input_dim, dataset_size)
 
 
-def encode_features(model: HashingModel, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Deterministic codes of a feature matrix: float [N, D] -> 0/1 uint8 [N, M]."""
-    encode = _compiled_encoder(model)
+def encode_features(model: HashingModel, features: np.ndarray, batch_size: int = 4096,
+                    output: str = "bits") -> np.ndarray:
+    """Deterministic codes of a feature matrix: float [N, D] -> 0/1 uint8 [N, M], or with `output`
+    "logits" / "probs" that output of `HashingModel.encode`, float32 [N, M]."""
+    encode = _compiled_encoder(model, output)
     parts = [encode(tf.constant(features[i:i + batch_size], tf.float32)).numpy()
              for i in range(0, len(features), batch_size)]
-    return np.concatenate(parts) if parts else np.zeros((0, model.config.bits), np.uint8)
+    empty_dtype = np.uint8 if output == "bits" else np.float32
+    return np.concatenate(parts) if parts else np.zeros((0, model.config.bits), empty_dtype)
 
 
-def _compiled_encoder(model):
-    if getattr(model, "_encode_fn", None) is None:
-        model._encode_fn = tf.function(lambda x: model.encode(x)["bits"], reduce_retracing=True)
-    return model._encode_fn
+def _compiled_encoder(model, output: str):
+    """`model.encode(x)[output]` as a tf.function, made once per model and output."""
+    if getattr(model, "_encode_fns", None) is None:
+        model._encode_fns = {}
+    if output not in model._encode_fns:
+        model._encode_fns[output] = tf.function(lambda x: model.encode(x)[output], reduce_retracing=True)
+    return model._encode_fns[output]
