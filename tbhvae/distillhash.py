@@ -138,8 +138,6 @@ class DistillHash(LinearHashModel):
                 "bit_mean": tf.reduce_mean(tf.cast(h > 0, tf.float32))}
 
     def training_flops_per_example(self, replica_batch: int) -> float:
-        """The hash layer (trained, 3 x 2 x D M), the code products u u^T (trained, 3 x 2 x B M) and the
-        feature cosines x x^T (forward only, 2 x B D), per example; the distillation's gathers are not
-        matrix products."""
-        return (super().training_flops_per_example(replica_batch) + 6.0 * replica_batch * self.config.bits
-                + 2.0 * replica_batch * self.input_dim)
+        """The hash layer and the batch products u u^T and x x^T (`batch_cosine_flops`), per example; the
+        distillation's gathers are not matrix products."""
+        return super().training_flops_per_example(replica_batch) + self.batch_cosine_flops(replica_batch)

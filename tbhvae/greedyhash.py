@@ -58,7 +58,5 @@ class GreedyHash(LinearHashModel):
                 "bit_mean": tf.reduce_mean(tf.cast(h > 0, tf.float32))}
 
     def training_flops_per_example(self, replica_batch: int) -> float:
-        """The hash layer (trained, 3 x 2 x D M), the code cosines b b^T (trained, 3 x 2 x B M) and the
-        feature cosines x x^T (forward only, 2 x B D), per example."""
-        return (super().training_flops_per_example(replica_batch) + 6.0 * replica_batch * self.config.bits
-                + 2.0 * replica_batch * self.input_dim)
+        """The hash layer and the batch cosines b b^T and x x^T (`batch_cosine_flops`), per example."""
+        return super().training_flops_per_example(replica_batch) + self.batch_cosine_flops(replica_batch)

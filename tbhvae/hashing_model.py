@@ -152,6 +152,12 @@ class LinearHashModel(HashingModel):
     def hash_logits(self, features):
         return tf.cast(self.hash_layer(self.scaling(features)), tf.float32)
 
+    def batch_cosine_flops(self, replica_batch: int) -> float:
+        """Per example, for families matching code to feature similarities within the batch: the code
+        products [B, M] x [M, B] (trained, 3 x 2 x B M) and the feature cosines [B, D] x [D, B] (forward
+        only, 2 x B D)."""
+        return 6.0 * replica_batch * self.config.bits + 2.0 * replica_batch * self.input_dim
+
 
 # config.model -> (module, class) of the family; imported on use (the families import this module)
 FAMILIES = {

@@ -90,8 +90,12 @@ class InputScaling(keras.layers.Layer):
     def call(self, features):
         features = tf.cast(features, self.compute_dtype)
         if self.mode == "l2":
+            # one factor per row, not tf.math.l2_normalize: an int8 TFLite conversion maps that to
+            # L2_NORMALIZATION, whose output step is fixed at 1/128, coarse for the unit vector's entries
+            # (~1/sqrt(D)); this form keeps the scaled row on a calibrated int8 scale
             dim = tf.cast(tf.shape(features)[-1], features.dtype)
-            return tf.math.l2_normalize(features, axis=-1) * tf.sqrt(dim)
+            squares = tf.reduce_sum(tf.square(features), axis=-1, keepdims=True)
+            return features * (tf.math.rsqrt(tf.maximum(squares, 1e-12)) * tf.sqrt(dim))
         return (features - tf.cast(self.shift, features.dtype)) * tf.cast(self.scale, features.dtype)
 
 

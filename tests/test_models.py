@@ -4,6 +4,7 @@ import tensorflow as tf
 
 from tbhvae.bottlenecks import GecoGaussian
 from tbhvae.config import Config
+from tbhvae.hashing_model import create_model
 from tbhvae.models import TwinBottleneckHashing
 
 
@@ -227,3 +228,12 @@ def test_training_flop_count_is_every_product_by_hand():
     similar.build_all()
     expected = 6.0 * (dense + 12 * (6 + 8) + 2 * 12 * 6) + 2.0 * (12 * 10 + 10 * 20)
     assert similar.training_flops_per_example(12) == expected
+
+
+@pytest.mark.parametrize("family", ["greedyhash", "distillhash"])
+def test_training_flop_count_of_the_batch_cosine_families_by_hand(family):
+    """D 10, M 6, B 12: the hash layer 10 x 6 trained, the code products 12 x 6 trained, the feature cosines
+    12 x 10 forward only."""
+    model = create_model(Config(model=family, bits=6, batch_size=12).validate(), input_dim=10, dataset_size=500)
+    model.build_all()
+    assert model.training_flops_per_example(12) == 6.0 * (10 * 6 + 12 * 6) + 2.0 * 12 * 10
