@@ -46,17 +46,27 @@ class RetrievalError(ValueError):
 # ------------------------------------------------------------------ images
 def jpeg_rows(path: str | Path, split: str, rows) -> list[bytes]:
     """The encoded images `rows` of `split` in a JPEG .npz (layout of cifar10_jpeg.npz)."""
+    encoded, offsets = _jpeg_split(path, split)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= len(offsets) - 1):
+        raise RetrievalError(f"{path}: '{split}' has {len(offsets) - 1} images but row {rows.max()} was "
+                             f"asked for; the image file must align row by row with the features")
+    return [encoded[offsets[r]:offsets[r + 1]].tobytes() for r in rows]
+
+
+def _jpeg_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(concatenated JPEG bytes uint8 [total], offsets int [n + 1]) of `split`, read once per file version."""
+    stat = Path(path).stat() if Path(path).is_file() else None
+    return _read_jpeg_split(str(path), split, stat and (stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=2)
+def _read_jpeg_split(path: str, split: str, version) -> tuple[np.ndarray, np.ndarray]:
     with _open_jpeg_npz(path) as data:
         keys = (f"{split}_bytes", f"{split}_offsets")
         if any(k not in data.files for k in keys):
             raise RetrievalError(f"{path}: missing {' or '.join(keys)}; expected the layout of cifar10_jpeg.npz")
-        offsets = data[f"{split}_offsets"]
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= len(offsets) - 1):
-            raise RetrievalError(f"{path}: '{split}' has {len(offsets) - 1} images but row {rows.max()} was "
-                                 f"asked for; the image file must align row by row with the features")
-        encoded = data[f"{split}_bytes"]
-        return [encoded[offsets[r]:offsets[r + 1]].tobytes() for r in rows]
+        return data[keys[0]], data[keys[1]]
 
 
 def image_count(path: str | Path, split: str) -> int:

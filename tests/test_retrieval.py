@@ -167,6 +167,24 @@ def test_figure_needs_aligned_images(data, tmp_path):
                         False)
 
 
+def test_a_jpeg_file_is_read_once_per_split_until_it_changes(tmp_path, monkeypatch):
+    """The figure asks for a split's rows one query at a time: the split's arrays are read once, and again
+    only after the file is rewritten."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "images.npz"
+    write_jpeg_npz(path, {"train": ([jpeg(CLASS_COLOURS[i % 2], rng) for i in range(6)], [0] * 6)})
+    opened = []
+    real_open = retrieval.open_npz
+    monkeypatch.setattr(retrieval, "open_npz", lambda p: opened.append(p) or real_open(p))
+    first = [retrieval.jpeg_rows(path, "train", [r]) for r in range(6)]
+    assert len(opened) == 1 and [f[0][:2] for f in first] == [b"\xff\xd8"] * 6
+    write_jpeg_npz(path, {"train": ([jpeg(CLASS_COLOURS[2], rng)] * 2, [0] * 2)})
+    os.utime(path, ns=(1, 1))  # a new mtime, as a rewrite within the clock's resolution might not give
+    with pytest.raises(retrieval.RetrievalError, match="'train' has 2 images"):
+        retrieval.jpeg_rows(path, "train", [5])
+    assert len(opened) == 2
+
+
 def test_command_line_build_and_query(data, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     index_path, figure = tmp_path / "index.npz", tmp_path / "examples.png"
