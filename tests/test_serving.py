@@ -176,7 +176,8 @@ def test_cli_images_flag_writes_image_variants_of_mixed_size_images(synthetic_ru
     images = write_jpeg_npz(tmp_path / "images.npz", {"train": 512, "test": 64})
     command = [sys.executable, "export.py", "--model_dir", str(synthetic_run.path), "--out", str(tmp_path / "base"),
                "--tflite_dir", str(tmp_path / "lite"), "--latency_repeats", "1", "--representative_examples", "20",
-               "--image_parity_examples", "12", "--images", str(images), *IMAGE_FLAGS]
+               "--image_parity_examples", "12", "--images", str(images), *IMAGE_FLAGS,
+               "--int8_fine_tune_steps", "3", "--int8_fine_tune_images", "40"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -193,6 +194,7 @@ def test_cli_images_flag_writes_image_variants_of_mixed_size_images(synthetic_ru
     by_lite = encode_images_by_size(lite, [decode_rgb(j).numpy() for j in jpegs])
     np.testing.assert_array_equal(by_lite["bits"], saved.encode_jpeg(jpegs)["bits"])
     assert "from images:" in result.stdout
+    assert "int8 fine-tuning: step 3/3" in result.stdout  # images_int8 comes from the fine-tuned copy
 
 
 @pytest.mark.parametrize("case, message", [

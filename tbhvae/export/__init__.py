@@ -3,6 +3,7 @@
   savedmodel  load_run (restore a run), the signatures, export_saved_model into TF Serving's
               versioned layout (next_version, new_version, resolve_saved_model), ExportError
   tflite      convert_tflite and write_tflite_variants (float32, float16, dynamic-range, int8)
+  quantisation_aware  fine_tune_for_int8: a backbone copy fine-tuned under simulated int8 arithmetic
   parity      parity_report (and image_parity_report) of exported encoders against the Keras model, as a table
   serving     TF Serving: warmup requests (written at export), models.config, gRPC PredictRequests
 The encoders that run these files are in `tbhvae.encoders`.
@@ -37,6 +38,7 @@ from tbhvae.export.savedmodel import (
                                       pack_bits,
                                       resolve_saved_model,
                                       run_backbone,
+                                      write_image_encoder,
 )
 from tbhvae.export.serving import (
                                    MODELS_CONFIG_FILE,
@@ -48,14 +50,16 @@ from tbhvae.export.serving import (
                                    write_models_config,
                                    write_warmup_requests,
 )
+from tbhvae.export.quantisation_aware import fine_tune_for_int8
 from tbhvae.export.tflite import TFLITE_VARIANTS, convert_tflite, representative_rows, write_tflite_variants
 
 __all__ = [
     "METADATA_FILE", "MODELS_CONFIG_FILE", "OUTPUT_NAMES", "TFLITE_VARIANTS", "WARMUP_FILE", "Backbone",
-    "ExportError", "TrainedRun", "compare_codes", "convert_tflite", "export_saved_model", "format_parity_table",
+    "ExportError", "TrainedRun", "compare_codes", "convert_tflite", "export_saved_model", "fine_tune_for_int8",
+    "format_parity_table",
     "grpc_predict_request", "hash_outputs", "image_parity_report", "load_backbone", "load_run", "models_config",
     "new_version",
     "next_version", "pack_bits", "parity_report", "prediction_log", "representative_rows",
-    "resolve_saved_model", "run_backbone", "warmup_inputs", "write_models_config", "write_tflite_variants",
-    "write_warmup_requests",
+    "resolve_saved_model", "run_backbone", "warmup_inputs", "write_image_encoder", "write_models_config",
+    "write_tflite_variants", "write_warmup_requests",
 ]

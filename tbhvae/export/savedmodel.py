@@ -235,6 +235,18 @@ def export_saved_model(run: TrainedRun, base: str | os.PathLike, name: str, back
     return version.final
 
 
+def write_image_encoder(run: TrainedRun, backbone: Backbone, path: str | os.PathLike) -> Path:
+    """A SavedModel at `path` holding only encode_images (the run's hash head behind `backbone`): the
+    source of a TFLite conversion with another backbone than the export's (a fine-tuned copy)."""
+    images, signature = _signature_functions(run, backbone)["encode_images"]
+    archive = keras.export.ExportArchive()
+    archive.track(run.model)
+    archive.track(backbone.model)
+    archive.add_endpoint("encode_images", images, input_signature=signature)
+    archive.write_out(str(path), verbose=False)
+    return Path(path)
+
+
 # ------------------------------------------------------------------ version directories
 def next_version(model_root: str | os.PathLike) -> int:
     """1 + the largest integer version directory under `model_root` (1 when there is none)."""

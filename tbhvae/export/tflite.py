@@ -22,7 +22,8 @@ TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
 
 
 def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
-                   representative: np.ndarray | None = None, signature: str = "encode_features") -> bytes:
+                   representative: np.ndarray | None = None, signature: str = "encode_features",
+                   float_front_end: bool | None = None) -> bytes:
     """Converts one signature of a SavedModel (encode_features or encode_images) to a TFLite flatbuffer.
 
     variant: "float32"; "float16" (weights stored as float16); "dynamic" (int8
@@ -30,6 +31,10 @@ def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
     on `representative` rows of the signature's input: features float32 [N, D]
     or images uint8 [N, H, W, 3]; the input and the outputs keep their types,
     bits/packed are computed from the int8 logits). Built-in ops only.
+    float_front_end (int8; default: for encode_images): keeps every op from the
+    input through the first convolution in float (`front_end_nodes`): an int8
+    tensor cannot hold a resized image's in-between values, and rounding them
+    alone flips ~2.7% of the bits of an EfficientNet-Lite0 encoder (BENCHMARKS.md).
     """
     if variant not in TFLITE_VARIANTS:
         raise ExportError(f"TFLite variant '{variant}': use one of {', '.join(TFLITE_VARIANTS)}")
@@ -42,15 +47,39 @@ def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if variant == "float16":
         converter.target_spec.supported_types = [tf.float16]
+    front_end = []
     if variant == "int8":
         if representative is None or not len(representative):
             raise ExportError("the int8 TFLite variant needs representative training rows for calibration")
         samples = np.asarray(representative)
         converter.representative_dataset = lambda: ([samples[i:i + 1]] for i in range(len(samples)))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if float_front_end if float_front_end is not None else signature == "encode_images":
+            front_end = front_end_nodes(convert_tflite(saved_model_dir, "float32", signature=signature))
+        if not front_end:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     with warnings.catch_warnings(), stderr_without(TFLITE_NOISE):
         warnings.simplefilter("ignore")  # the calibrator's tf.lite.Interpreter deprecation notice
-        return converter.convert()
+        if not front_end:
+            return converter.convert()
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([samples[i:i + 1]] for i in range(1)),
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=front_end))
+        return debugger.get_nondebug_quantized_model()
+
+
+def front_end_nodes(float_model: bytes) -> list[str]:
+    """Output tensor names of a float TFLite model's ops from the input through its first CONV_2D
+    (none without one), in execution order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=float_model)
+    names = {detail["index"]: detail["name"] for detail in interpreter.get_tensor_details()}
+    nodes = []
+    for op in interpreter._get_ops_details():  # the public API has no op list
+        nodes += [names[index] for index in op["outputs"]]
+        if op["op_name"] == "CONV_2D":
+            return nodes
+    return []
 
 
 def representative_rows(features: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -63,15 +92,20 @@ def representative_rows(features: np.ndarray, count: int, seed: int = 0) -> np.n
 def write_tflite_variants(saved_model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                           representative_features: np.ndarray,
                           variants: tuple[str, ...] = TFLITE_VARIANTS,
-                          representative_images: np.ndarray | None = None) -> dict[str, Path]:
+                          representative_images: np.ndarray | None = None,
+                          int8_images_source: str | os.PathLike | None = None) -> dict[str, Path]:
     """Writes `out_dir/<variant>.tflite` (each atomically) for each variant and, given
-    `representative_images` uint8 [N, H, W, 3], `out_dir/images_<variant>.tflite` too.
+    `representative_images` uint8 [N, H, W, 3], `out_dir/images_<variant>.tflite` too,
+    images_int8 from the encode_images of `int8_images_source` when given (a SavedModel
+    of `savedmodel.write_image_encoder` with a fine-tuned backbone).
     Returns name ("float32", ..., "images_float32", ...) -> path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(variant, representative_features, "encode_features") for variant in variants]
+    jobs = [(variant, representative_features, "encode_features", saved_model_dir) for variant in variants]
     if representative_images is not None:
-        jobs += [(f"images_{variant}", representative_images, "encode_images") for variant in variants]
+        jobs += [(f"images_{variant}", representative_images, "encode_images",
+                  int8_images_source if variant == "int8" and int8_images_source else saved_model_dir)
+                 for variant in variants]
     return {name: atomic_write(out_dir / f"{name}.tflite",
-                               convert_tflite(saved_model_dir, name.removeprefix("images_"), rows, signature))
-            for name, rows, signature in jobs}
+                               convert_tflite(source, name.removeprefix("images_"), rows, signature))
+            for name, rows, signature, source in jobs}
