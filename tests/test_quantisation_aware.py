@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import test_serving
 from tbhvae import export
 from tbhvae.data.extraction import build_backbone
 from tbhvae.data.images import decode_rgb_arrays
 from tbhvae.export.quantisation_aware import FoldedConvolution, folded_copy
 from tbhvae.retrieval import image_count, jpeg_rows
-import test_serving
 from test_serving import random_backbone
 
 synthetic_run = test_serving.synthetic_run  # the tiny run of test_serving (module scope: trained here too)

@@ -23,6 +23,7 @@ TFLite variants hold the feature encoder under the signature key "serving_defaul
 with the same input and output names.
 """
 from tbhvae.export.parity import compare_codes, format_parity_table, image_parity_report, parity_report
+from tbhvae.export.quantisation_aware import fine_tune_for_int8
 from tbhvae.export.savedmodel import (
                                       METADATA_FILE,
                                       OUTPUT_NAMES,
@@ -41,16 +42,15 @@ from tbhvae.export.savedmodel import (
                                       write_image_encoder,
 )
 from tbhvae.export.serving import (
-                                   MODELS_CONFIG_FILE,
-                                   WARMUP_FILE,
-                                   grpc_predict_request,
-                                   models_config,
-                                   prediction_log,
-                                   warmup_inputs,
-                                   write_models_config,
-                                   write_warmup_requests,
+                                      MODELS_CONFIG_FILE,
+                                      WARMUP_FILE,
+                                      grpc_predict_request,
+                                      models_config,
+                                      prediction_log,
+                                      warmup_inputs,
+                                      write_models_config,
+                                      write_warmup_requests,
 )
-from tbhvae.export.quantisation_aware import fine_tune_for_int8
 from tbhvae.export.tflite import TFLITE_VARIANTS, convert_tflite, representative_rows, write_tflite_variants
 
 __all__ = [

@@ -164,8 +164,9 @@ def fine_tune_for_int8(backbone: Backbone, model, images: np.ndarray, steps: int
     logits are the distillation targets, from the float backbone's features);
     images: uint8 [N, H, W, 3] training images of one size. Minimises the mean
     squared difference of the int8-simulated and the float hash logits with Adam
-    (learning rate decayed to 0 on a cosine) for `steps` batches, logging every 100 steps. Returns a Backbone whose model is
-    the float folded copy with the fine-tuned weights (same preprocessing).
+    (learning rate decayed to 0 on a cosine) for `steps` batches, logging every
+    100 steps. Returns a Backbone whose model is the float folded copy with the
+    fine-tuned weights (same preprocessing).
     """
     if steps < 1 or len(images) < 1:
         raise ExportError("quantisation-aware fine-tuning needs steps >= 1 and training images")
