@@ -194,7 +194,7 @@ def test_cli_images_flag_writes_image_variants_of_mixed_size_images(synthetic_ru
     by_lite = encode_images_by_size(lite, [decode_rgb(j).numpy() for j in jpegs])
     np.testing.assert_array_equal(by_lite["bits"], saved.encode_jpeg(jpegs)["bits"])
     assert "from images:" in result.stdout
-    assert "int8 fine-tuning: step 3/3" in result.stdout  # images_int8 comes from the fine-tuned copy
+    assert "int8 fine-tuning: step 3/3" in result.stderr  # images_int8 comes from the fine-tuned copy
 
 
 @pytest.mark.parametrize("case, message", [

@@ -20,6 +20,7 @@ quantisation) that the converter then calibrates and quantises as usual.
 """
 from __future__ import annotations
 
+import sys
 import time
 
 import keras
@@ -157,7 +158,7 @@ def folded_copy(model: keras.Model, fake_quant: bool) -> keras.Model:
 
 
 def fine_tune_for_int8(backbone: Backbone, model, images: np.ndarray, steps: int, batch_size: int = 16,
-                       learning_rate: float = 1e-5, seed: int = 0, log=print) -> Backbone:
+                       learning_rate: float = 1e-5, seed: int = 0, log=None) -> Backbone:
     """The backbone fine-tuned so that its int8 TFLite encoder matches the float codes.
 
     backbone: the float image backbone; model: the trained HashingModel (its hash
@@ -182,6 +183,7 @@ def fine_tune_for_int8(backbone: Backbone, model, images: np.ndarray, steps: int
         optimizer.apply_gradients(zip(tape.gradient(loss, student.trainable_variables), student.trainable_variables))
         return loss
 
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     rng = np.random.default_rng(seed)
     started, losses = time.perf_counter(), []
     for done in range(1, steps + 1):
