@@ -194,6 +194,17 @@ MUTATIONS = (
              '"packed": pack_bits(code["bits"]), "probs": code["probs"]}',
              ("tests/test_serving.py",), "round_trip",
              "exported encoders sample the bits instead of thresholding"),
+    # ---- int8 image encoders ---------------------------------------------------------------------
+    Mutation("folded_bias_sign", "tbhvae/export/quantisation_aware.py",
+             "return kernel.astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)",
+             "return kernel.astype(np.float32), ((bias + mean) * scale + beta).astype(np.float32)",
+             ("tests/test_quantisation_aware.py",), "folded_copy",
+             "batch norm folded with the moving mean added instead of subtracted"),
+    Mutation("front_end_through_first_depthwise", "tbhvae/export/tflite.py",
+             'if op["op_name"] == "CONV_2D":',
+             'if op["op_name"] == "DEPTHWISE_CONV_2D":',
+             ("tests/test_quantisation_aware.py",), "front_end",
+             "the float front end of int8 image encoders ends at the first depthwise convolution"),
 )
 
 _BOOT = r'''

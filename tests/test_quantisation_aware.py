@@ -105,6 +105,8 @@ def test_int8_image_encoders_keep_the_front_end_float(synthetic_run, tmp_path):
         interpreter = Interpreter(model_content=export.convert_tflite(
             path, "int8", calibration, signature="encode_images", float_front_end=float_front_end))
         dtypes = {d["index"]: d["dtype"] for d in interpreter.get_tensor_details()}
-        convolutions = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+        ops = interpreter._get_ops_details()
+        convolutions = [op for op in ops if op["op_name"] == "CONV_2D"]
+        depthwise = [op for op in ops if op["op_name"] == "DEPTHWISE_CONV_2D"]
         assert dtypes[convolutions[0]["inputs"][0]] == first_conv_input
-        assert dtypes[convolutions[1]["inputs"][0]] == np.int8
+        assert dtypes[convolutions[1]["inputs"][0]] == dtypes[depthwise[0]["inputs"][0]] == np.int8
