@@ -1,8 +1,8 @@
 """Quantisation-aware fine-tuning of an image backbone for the int8 TFLite encoder.
 
 Post-training int8 quantisation of EfficientNet-Lite0 flips ~7% of the hash
-bits (the per-channel int8 weights and the per-tensor int8 activations each
-flip 3-4%; BENCHMARKS.md). Fine-tuning a copy of the backbone whose forward
+bits (the per-channel int8 weights, the per-tensor int8 activations and the
+int8 input image each flip 2.7-4.2% alone; BENCHMARKS.md). Fine-tuning a copy of the backbone whose forward
 pass simulates that arithmetic, so that its hash logits match the float
 model's on training images (distillation, as in Jacob et al., CVPR 2018, and
 the TF Model Optimization toolkit, which does not support Keras 3), teaches
@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from tbhvae.export.savedmodel import Backbone, ExportError
 
-RANGE_MOMENTUM = 0.99  # moving average of the activation ranges (tfmot's default)
+RANGE_MOMENTUM = 0.99  # per batch: the ranges follow ~100 batches, so they track the weights as they move
 SUPPORTED = "Conv2D / DepthwiseConv2D (+ BatchNormalization), ReLU, Add, ZeroPadding2D, GlobalAveragePooling2D"
 
 
