@@ -51,9 +51,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("serving_default", "features", ["features", "images"], "Signature served as serving_default.")
     flags.DEFINE_integer("representative_examples", 1000, "Training rows used to calibrate the int8 variant.",
                          lower_bound=1)
-    flags.DEFINE_integer("int8_fine_tune_steps", 1500, "With --images: quantisation-aware fine-tuning steps "
+    flags.DEFINE_integer("int8_fine_tune_steps", 1000, "With --images: quantisation-aware fine-tuning steps "
                          "(batch 16) of a copy of the backbone for images_int8.tflite (0 = post-training "
-                         "quantisation only); about 1 s per step on one CPU core.", lower_bound=0)
+                         "quantisation only); about 0.7 s per step on one CPU core at 224 px.", lower_bound=0)
     flags.DEFINE_integer("int8_fine_tune_images", 5000, "Training images (class-stratified rows of --images) the "
                          "int8 fine-tuning distils on.", lower_bound=1)
     flags.DEFINE_integer("parity_examples", 0, "Test rows in the parity report (0 = all).", lower_bound=0)
