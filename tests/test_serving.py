@@ -197,6 +197,22 @@ def test_cli_images_flag_writes_image_variants_of_mixed_size_images(synthetic_ru
     assert "int8 fine-tuning: step 3/3" in result.stderr  # images_int8 comes from the fine-tuned copy
 
 
+def test_cli_images_with_a_backbone_it_cannot_fine_tune_quantises_after_training(synthetic_run, tmp_path):
+    """EfficientNet-B0 (swish, squeeze-and-excitation) is not rebuilt for int8 fine-tuning: one warning line,
+    and images_int8.tflite comes from post-training quantisation."""
+    images = write_jpeg_npz(tmp_path / "images.npz", {"train": 512, "test": 64})
+    command = [sys.executable, "export.py", "--model_dir", str(synthetic_run.path), "--out", str(tmp_path / "base"),
+               "--tflite_dir", str(tmp_path / "lite"), "--latency_repeats", "1", "--representative_examples", "8",
+               "--image_parity_examples", "4", "--images", str(images), "--backbone", "efficientnet_b0",
+               "--backbone_weights", "none", "--allow_backbone_mismatch", "--backbone_input_size", "32"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "is quantised after training only" in warnings[0], result.stderr[-2000:]
+    assert (tmp_path / "lite" / "1" / "images_int8.tflite").is_file() and "int8 fine-tuning" not in result.stderr
+
+
 @pytest.mark.parametrize("case, message", [
     ("no_tflite_dir", "pass --tflite_dir too"),
     ("no_backbone", "pass --backbone NAME"),

@@ -16,6 +16,7 @@ codes out) and a report of codes from images against the feature path of the sam
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -113,8 +114,12 @@ def write_tflite(run, path, representative, test, feature_set, calibration_image
         if pixels is not None and FLAGS.int8_fine_tune_steps:
             _, rows = image_rows(feature_set, "train", FLAGS.int8_fine_tune_images)
             images = decode_rgb_arrays(jpeg_rows(FLAGS.images, "train", rows), size=backbone.input_size)
-            tuned = export.fine_tune_for_int8(backbone, run.model, images, FLAGS.int8_fine_tune_steps)
-            int8_source = export.write_image_encoder(run, tuned, Path(scratch) / "int8_backbone")
+            try:
+                tuned = export.fine_tune_for_int8(backbone, run.model, images, FLAGS.int8_fine_tune_steps)
+            except export.ExportError as err:  # a backbone it cannot rebuild: quantise the original
+                print(f"warning: {err}; images_int8.tflite is quantised after training only", file=sys.stderr)
+            else:
+                int8_source = export.write_image_encoder(run, tuned, Path(scratch) / "int8_backbone")
         files = export.write_tflite_variants(path, version.staging, representative, representative_images=pixels,
                                              int8_images_source=int8_source)
         lite = {k: encoders.LiteEncoder(p, num_threads=FLAGS.num_threads) for k, p in files.items()}
