@@ -112,8 +112,8 @@ def write_tflite(run, path, representative, test, feature_set, calibration_image
     with export.new_version(FLAGS.tflite_dir) as version, tempfile.TemporaryDirectory() as scratch:
         int8_source = None
         if pixels is not None and FLAGS.int8_fine_tune_steps:
-            _, rows = image_rows(feature_set, "train", FLAGS.int8_fine_tune_images)
-            images = decode_rgb_arrays(jpeg_rows(FLAGS.images, "train", rows), size=backbone.input_size)
+            _, source_rows = image_rows(feature_set, "train", FLAGS.int8_fine_tune_images)
+            images = decode_rgb_arrays(jpeg_rows(FLAGS.images, "train", source_rows), size=backbone.input_size)
             try:
                 tuned = export.fine_tune_for_int8(backbone, run.model, images, FLAGS.int8_fine_tune_steps)
             except export.ExportError as err:  # a backbone it cannot rebuild: quantise the original

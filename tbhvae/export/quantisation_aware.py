@@ -34,7 +34,10 @@ SUPPORTED = "Conv2D / DepthwiseConv2D (+ BatchNormalization), ReLU, Add, ZeroPad
 
 
 class ActivationRange(keras.layers.Layer):
-    """Per-tensor int8 fake quantisation over a moving [min, max] (always containing 0), updated in training."""
+    """Per-tensor int8 fake quantisation over a moving [min, max] (always containing 0), updated in training.
+
+    Without `fake_quant` it passes values through but keeps the range weights, so that the float and the
+    simulated copy of `folded_copy` hold the same weight list (`set_weights` moves one into the other)."""
 
     def __init__(self, fake_quant: bool, **kwargs):
         super().__init__(**kwargs)
@@ -61,8 +64,8 @@ class FoldedConvolution(keras.layers.Layer):
     def __init__(self, kernel: np.ndarray, bias: np.ndarray, strides, padding: str, depthwise: bool,
                  fake_quant: bool, **kwargs):
         super().__init__(**kwargs)
-        self.strides, self.padding, self.depthwise, self.fake_quant = tuple(strides), padding.upper(), depthwise, \
-            fake_quant
+        self.strides, self.padding = tuple(strides), padding.upper()
+        self.depthwise, self.fake_quant = depthwise, fake_quant
         self.kernel = self.add_weight(shape=kernel.shape, initializer=keras.initializers.Constant(kernel),
                                       name="kernel")
         self.bias = self.add_weight(shape=bias.shape, initializer=keras.initializers.Constant(bias), name="bias")
