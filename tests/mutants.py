@@ -200,11 +200,16 @@ MUTATIONS = (
              "return kernel.astype(np.float32), ((bias + mean) * scale + beta).astype(np.float32)",
              ("tests/test_quantisation_aware.py",), "folded_copy",
              "batch norm folded with the moving mean added instead of subtracted"),
-    Mutation("front_end_through_first_depthwise", "tbhvae/export/tflite.py",
-             'if op["op_name"] == "CONV_2D":',
-             'if op["op_name"] == "DEPTHWISE_CONV_2D":',
+    Mutation("front_end_counts_regular_convolutions_only", "tbhvae/export/tflite.py",
+             'seen += op["op_name"] in CONVOLUTION_OPS',
+             'seen += op["op_name"] == "CONV_2D"',
              ("tests/test_quantisation_aware.py",), "front_end",
-             "the float front end of int8 image encoders ends at the first depthwise convolution"),
+             "the float front end of int8 image encoders skips depthwise convolutions when it counts"),
+    Mutation("simulated_front_end_output_float", "tbhvae/export/quantisation_aware.py",
+             "fake_quant and convolutions >= float_convolutions",
+             "fake_quant and convolutions > float_convolutions",
+             ("tests/test_quantisation_aware.py",), "front_end",
+             "the simulation leaves the float front end's int8 output unrounded"),
 )
 
 _BOOT = r'''

@@ -80,8 +80,7 @@ def test_fine_tuning_brings_the_simulated_int8_logits_toward_the_float_ones(cifa
     untuned = folded_copy(backbone.model, fake_quant=True)
     untuned(pixels, training=True)  # the original weights, with activation ranges from these images
     logs = []
-    tuned = export.fine_tune_for_int8(backbone, head, images, steps=40, batch_size=16, learning_rate=2e-5,
-                                      log=logs.append)
+    tuned = export.fine_tune_for_int8(backbone, head, images, steps=40, batch_size=16, log=logs.append)
     before, after = simulated_error(untuned.get_weights()), simulated_error(tuned.model.get_weights())
     assert before > 0.01 and after < 0.7 * before, (before, after)
     assert logs[-1].startswith("int8 fine-tuning: step 40/40") and tuned.input_size == backbone.input_size
@@ -94,19 +93,30 @@ def test_unsupported_backbones_are_refused_with_the_layer_named():
 
 
 def test_int8_image_encoders_keep_the_front_end_float(synthetic_run, tmp_path):
-    """Resize, scaling and the first convolution run in float; the convolutions after it in int8."""
+    """Resize, scaling and the first FLOAT_CONVOLUTIONS convolutions run in float; those after them in int8."""
     from ai_edge_litert.interpreter import Interpreter
 
     path = export.export_saved_model(synthetic_run, tmp_path, "img", random_backbone(synthetic_run))
     calibration = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     nodes = export.tflite.front_end_nodes(export.convert_tflite(path, "float32", signature="encode_images"))
     assert nodes and "ResizeBilinear" in nodes[1]
-    for float_front_end, first_conv_input in ((True, np.float32), (False, np.int8)):
+    count = export.tflite.FLOAT_CONVOLUTIONS
+    for float_front_end, float_inputs in ((True, count), (False, 0)):
         interpreter = Interpreter(model_content=export.convert_tflite(
             path, "int8", calibration, signature="encode_images", float_front_end=float_front_end))
         dtypes = {d["index"]: d["dtype"] for d in interpreter.get_tensor_details()}
-        ops = interpreter._get_ops_details()
-        convolutions = [op for op in ops if op["op_name"] == "CONV_2D"]
-        depthwise = [op for op in ops if op["op_name"] == "DEPTHWISE_CONV_2D"]
-        assert dtypes[convolutions[0]["inputs"][0]] == first_conv_input
-        assert dtypes[convolutions[1]["inputs"][0]] == dtypes[depthwise[0]["inputs"][0]] == np.int8
+        inputs = [dtypes[op["inputs"][0]] for op in interpreter._get_ops_details()
+                  if op["op_name"] in export.tflite.CONVOLUTION_OPS]
+        assert inputs[:float_inputs + 2] == [np.float32] * float_inputs + [np.int8] * 2, (float_front_end, inputs)
+
+
+def test_the_simulation_keeps_the_same_front_end_float():
+    """Weights and activations of the first FLOAT_CONVOLUTIONS convolutions are float in the simulated
+    copy too; the last of them has an int8 output, as it feeds the first int8 operation."""
+    count = export.tflite.FLOAT_CONVOLUTIONS
+    copy = folded_copy(build_backbone("efficientnet_lite0", "none", 32)[0], fake_quant=True)
+    kinds = [(type(layer).__name__, layer.fake_quant) for layer in copy.layers
+             if type(layer).__name__ in ("FoldedConvolution", "ActivationRange")]
+    front = [("FoldedConvolution", False), ("ActivationRange", False)] * (count - 1)
+    assert kinds[:2 * count] == front + [("FoldedConvolution", False), ("ActivationRange", True)]
+    assert all(quantised for _, quantised in kinds[2 * count:])

@@ -12,9 +12,10 @@ The copy folds each batch normalisation into the convolution before it, as
 the TFLite converter does; weights are fake-quantised per output channel,
 symmetric over [-127, 127] (TFLite's scheme), activations per tensor after
 each fused convolution + ReLU6, addition and pooling, over moving-average
-ranges. The first convolution stays float, with its input: the int8 model
-keeps that front end in float (`tflite.convert_tflite(float_front_end=True)`),
-because an int8 tensor cannot hold a resized image's in-between pixel values.
+ranges. The first `tflite.FLOAT_CONVOLUTIONS` convolutions stay float, with their
+input and the activations between them: the int8 model keeps that front end in
+float (`tflite.convert_tflite(float_front_end=True)`), because an int8 tensor
+cannot hold a resized image's in-between pixel values.
 The result is a plain float Keras model (the folded convolutions, no fake
 quantisation) that the converter then calibrates and quantises as usual.
 """
@@ -28,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tbhvae.export.savedmodel import Backbone, ExportError
+from tbhvae.export.tflite import FLOAT_CONVOLUTIONS
 
 RANGE_MOMENTUM = 0.99  # per batch: the ranges follow ~100 batches, so they track the weights as they move
 SUPPORTED = "Conv2D / DepthwiseConv2D (+ BatchNormalization), ReLU, Add, ZeroPadding2D, GlobalAveragePooling2D"
@@ -107,9 +109,10 @@ def _is_depthwise(layer) -> bool:
     return isinstance(layer, keras.layers.DepthwiseConv2D)
 
 
-def folded_copy(model: keras.Model, fake_quant: bool) -> keras.Model:
+def folded_copy(model: keras.Model, fake_quant: bool, float_convolutions: int = FLOAT_CONVOLUTIONS) -> keras.Model:
     """The backbone `model` [B, S, S, 3] -> [B, D] rebuilt with folded convolutions and, with `fake_quant`,
-    int8 simulation; ExportError for layers other than those in SUPPORTED."""
+    int8 simulation after the first `float_convolutions` convolutions (the last of them has an int8
+    output); ExportError for layers other than those in SUPPORTED."""
     consumers: dict[int, list] = {}
     for layer in model.layers:
         for tensor in tf.nest.flatten(layer.input) if not isinstance(layer, keras.layers.InputLayer) else []:
@@ -119,7 +122,11 @@ def folded_copy(model: keras.Model, fake_quant: bool) -> keras.Model:
         users = consumers.get(id(layer.output), [])
         return users[0] if len(users) == 1 and isinstance(users[0], kind) else None
 
-    values, first_convolution = {}, True
+    values, convolutions = {}, 0
+
+    def output_range(name):  # int8 once the float front end's last convolution has run
+        return ActivationRange(fake_quant and convolutions >= float_convolutions, name=name)
+
     inputs = keras.Input(model.input_shape[1:], name="image")
     for layer in model.layers:
         if isinstance(layer, keras.layers.InputLayer):
@@ -133,25 +140,26 @@ def folded_copy(model: keras.Model, fake_quant: bool) -> keras.Model:
                 raise ExportError(f"quantisation-aware fine-tuning: {layer.name} has a fused activation, dilation, "
                                   f"groups or a depth multiplier")
             kernel, bias = _folded(layer, batch_norm)
+            convolutions += 1
             output = FoldedConvolution(kernel, bias, layer.strides, layer.padding, _is_depthwise(layer),
-                                       fake_quant and not first_convolution, name=f"{layer.name}_folded")(source[0])
-            first_convolution = False
+                                       fake_quant and convolutions > float_convolutions,
+                                       name=f"{layer.name}_folded")(source[0])
             end = batch_norm or layer
             if only_consumer(end, keras.layers.ReLU) is None:  # else the ReLU quantises the fused output
-                output = ActivationRange(fake_quant, name=f"{layer.name}_range")(output)
+                output = output_range(f"{layer.name}_range")(output)
             values[id(end.output)] = output
         elif isinstance(layer, keras.layers.BatchNormalization):
             if id(layer.output) not in values:
                 raise ExportError(f"quantisation-aware fine-tuning: {layer.name} does not follow a convolution")
         elif isinstance(layer, keras.layers.ReLU) and not layer.negative_slope and not layer.threshold:
             activated = keras.layers.ReLU(layer.max_value, name=layer.name)(source[0])
-            values[id(layer.output)] = ActivationRange(fake_quant, name=f"{layer.name}_range")(activated)
+            values[id(layer.output)] = output_range(f"{layer.name}_range")(activated)
         elif isinstance(layer, keras.layers.Add):
             added = keras.layers.Add(name=layer.name)(source)
-            values[id(layer.output)] = ActivationRange(fake_quant, name=f"{layer.name}_range")(added)
+            values[id(layer.output)] = output_range(f"{layer.name}_range")(added)
         elif isinstance(layer, keras.layers.GlobalAveragePooling2D):
             pooled = keras.layers.GlobalAveragePooling2D(name=layer.name)(source[0])
-            values[id(layer.output)] = ActivationRange(fake_quant, name=f"{layer.name}_range")(pooled)
+            values[id(layer.output)] = output_range(f"{layer.name}_range")(pooled)
         elif isinstance(layer, keras.layers.ZeroPadding2D):
             values[id(layer.output)] = keras.layers.ZeroPadding2D(layer.padding, name=layer.name)(source[0])
         else:

@@ -19,6 +19,12 @@ from tbhvae.export.savedmodel import ExportError
 from tbhvae.stderr import TFLITE_NOISE, stderr_without
 
 TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
+CONVOLUTION_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+# Convolutions from the input that int8 image encoders keep in float: the stem and the first inverted
+# residual block (depthwise + projection) of EfficientNet-Lite / MobileNetV2, ~5% of Lite0's multiply-adds.
+# The block's depthwise output has 6x the int8 error (RMSE / scale) of any later convolution; keeping it float
+# lifts post-training int8 from 95.7% to 97.0% of bits (BENCHMARKS.md, "The int8 image encoder").
+FLOAT_CONVOLUTIONS = 3
 
 
 def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
@@ -32,8 +38,8 @@ def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
     or images uint8 [N, H, W, 3]; the input and the outputs keep their types,
     bits/packed are computed from the int8 logits). Built-in ops only.
     float_front_end (int8; default: for encode_images): keeps every op from the
-    input through the first convolution in float (`front_end_nodes`): an int8
-    tensor cannot hold a resized image's in-between values, and rounding them
+    input through the first FLOAT_CONVOLUTIONS convolutions in float (`front_end_nodes`):
+    an int8 tensor cannot hold a resized image's in-between values, and rounding them
     alone flips ~2.7% of the bits of an EfficientNet-Lite0 encoder (BENCHMARKS.md).
     """
     if variant not in TFLITE_VARIANTS:
@@ -67,17 +73,18 @@ def convert_tflite(saved_model_dir: str | os.PathLike, variant: str,
         return debugger.get_nondebug_quantized_model()
 
 
-def front_end_nodes(float_model: bytes) -> list[str]:
-    """Output tensor names of a float TFLite model's ops from the input through its first CONV_2D
-    (none without one), in execution order."""
+def front_end_nodes(float_model: bytes, convolutions: int = FLOAT_CONVOLUTIONS) -> list[str]:
+    """Output tensor names of a float TFLite model's ops from the input through its `convolutions`-th
+    convolution (CONV_2D or DEPTHWISE_CONV_2D; none with fewer), in execution order."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=float_model)
     names = {detail["index"]: detail["name"] for detail in interpreter.get_tensor_details()}
-    nodes = []
+    nodes, seen = [], 0
     for op in interpreter._get_ops_details():  # the public API has no op list
         nodes += [names[index] for index in op["outputs"]]
-        if op["op_name"] == "CONV_2D":
+        seen += op["op_name"] in CONVOLUTION_OPS
+        if seen == convolutions:
             return nodes
     return []
 
