@@ -6,6 +6,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tbhvae import objectives
+from tbhvae.config import load_config
 
 
 def _log_bernoulli(b, logits):
@@ -158,6 +159,9 @@ def test_recommended_penalty_prefers_balanced_bits_and_the_papers_does_not():
     recommended = dict(alpha=0.0, beta=1.0, gamma=1.0, hinge=True)
     assert _penalty(all_bits, **recommended) < _penalty(half, **recommended) < _penalty(quarter, **recommended)
     assert _penalty(all_bits, **recommended) < 0.2
+    shipped = load_config("cifar10_tbhvae")  # the recommended config's weights
+    weights = dict(alpha=shipped.tc_alpha, beta=shipped.tc_beta, gamma=shipped.tc_gamma, hinge=shipped.tc_hinge)
+    assert _penalty(all_bits, **weights) < _penalty(half, **weights) < _penalty(quarter, **weights)
     # The paper's literal weights reward collapse: 8 + 24 and 16 + 16 cost less than 32 balanced bits.
     paper = dict(alpha=1.0, beta=6.0, gamma=1.0, hinge=False)
     assert _penalty(quarter, **paper) < _penalty(all_bits, **paper)
