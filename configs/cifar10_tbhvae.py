@@ -18,8 +18,7 @@ def get_config() -> Config:
         continuous_bottleneck="geco_vae",
         binary_threshold="uniform",  # b ~ Bernoulli(sigmoid(l)): a true posterior sample
         # At gamma = 1 the similarity term outweighs the bits' balance: 16-bit codes split the classes
-        # unevenly (bit balance 0.87). 40 is the smallest weight tried (1, 4, 30, 40, 100) that balances
-        # them (0.92-0.93, 2 seeds) without costing mAP@1000 at 16 / 32 / 64 bits or on the second
-        # dataset (BENCHMARKS.md, "16-bit bit balance").
+        # unevenly (bit balance under 0.9). 40 is the smallest weight tried that balances them without
+        # costing mAP@1000 at 16 / 32 / 64 bits or on the second dataset (BENCHMARKS.md, "16-bit bit balance").
         tc_gamma=40.0,
     )

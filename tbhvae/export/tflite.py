@@ -22,8 +22,8 @@ TFLITE_VARIANTS = ("float32", "float16", "dynamic", "int8")
 CONVOLUTION_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 # Convolutions from the input that int8 image encoders keep in float: the stem and the first inverted
 # residual block (depthwise + projection) of EfficientNet-Lite / MobileNetV2, ~5% of Lite0's multiply-adds.
-# The block's depthwise output has 6x the int8 error (RMSE / scale) of any later convolution; keeping it float
-# lifts post-training int8 from 95.7% to 97.0% of bits (BENCHMARKS.md, "The int8 image encoder").
+# That block's depthwise output has by far the largest int8 error (RMSE / scale) of any convolution
+# (BENCHMARKS.md, "The int8 image encoder").
 FLOAT_CONVOLUTIONS = 3
 
 
